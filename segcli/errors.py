@@ -1,0 +1,28 @@
+"""Errors the CLI turns into one line on stderr and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+
+class SegError(Exception):
+    """A failure the user can act on. `exit_code` follows SPEC.md section 5."""
+
+    exit_code = 1
+
+
+class UsageError(SegError, ValueError):
+    """Bad flag, unknown name, missing file or invalid dataset: exit 2."""
+
+    exit_code = 2
+
+
+class RuntimeFailure(SegError):
+    """The inputs were valid but the work failed (non-finite loss, export mismatch): exit 1."""
+
+    exit_code = 1
+
+
+def choose(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> str:
+    """Return `value` if it is one of `valid`, else raise a UsageError listing the valid names."""
+    if value in valid:
+        return value
+    raise UsageError(f"unknown {kind} '{value}'; valid: {', '.join(valid)}")

@@ -1,0 +1,76 @@
+"""Building blocks shared by the architectures."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1
+) -> nn.Sequential:
+    """Conv (no bias, BatchNorm follows) + BatchNorm + ReLU with 'same' padding."""
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 conv-BN-ReLU layers: 9·in·out + 9·out² + 4·out parameters (SPEC.md section 1)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            conv_bn_relu(in_channels, out_channels), conv_bn_relu(out_channels, out_channels)
+        )
+
+
+class Upsample2x(nn.Module):
+    """Doubles the resolution and maps channels: a 2x2 stride-2 transposed conv (`transpose`),
+    or bilinear interpolation followed by a 1x1 conv (`bilinear`, fewer checkerboard artefacts)."""
+
+    def __init__(self, in_channels: int, out_channels: int, mode: str = "transpose") -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "transpose":
+            self.proj = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False)
+        else:
+            self.proj = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.mode == "transpose":
+            return self.proj(x)
+        target = size if size is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+        return self.proj(F.interpolate(x, size=target, mode="bilinear", align_corners=False))
+
+
+class SegmentationHead(nn.Module):
+    """Maps decoder features to class logits at full resolution.
+
+    Features at 1/2 resolution (ResNet encoders) go through a 2x2 stride-2 transposed conv
+    64->32 with bias first, as in SPEC.md section 1; full-resolution features get a 1x1 conv."""
+
+    def __init__(self, in_channels: int, classes: int, reduction: int) -> None:
+        super().__init__()
+        if reduction == 1:
+            self.up = nn.Identity()
+            head_in = in_channels
+        elif reduction == 2:
+            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, 2, stride=2, bias=True)
+            head_in = in_channels // 2
+        else:
+            raise ValueError(f"a segmentation head takes features at 1/1 or 1/2, not 1/{reduction}")
+        self.classify = nn.Conv2d(head_in, classes, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.up(x))
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize of logits or features to `size` (a no-op when it already matches)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
