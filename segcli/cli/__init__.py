@@ -6,14 +6,16 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer.exceptions import TyperException
 
+from segcli import __version__
 from segcli.cli import params
 from segcli.errors import SegError
 
 app = typer.Typer(
     name="seg",
-    help="Semantic segmentation for PyTorch: train, evaluate, predict, export and benchmark.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -21,10 +23,40 @@ app = typer.Typer(
 app.command("params")(params.params)
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"segcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def seg(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Semantic segmentation for PyTorch: train, evaluate, predict, export and benchmark.
+
+    Data goes to stdout, progress and logs to stderr; exit 0 on success, 1 when the work
+    failed, 2 for a usage or input error."""
+
+
 def main() -> None:
-    """Console entry point: run the app and turn SegErrors into one line and an exit code."""
+    """Console entry point: usage and input errors become one line on stderr and exit 2."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except SegError as error:
         print(f"seg: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except typer.Abort:
+        print("seg: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except TyperException as error:
+        message = error.format_message()
+        if message:  # empty when `seg` alone printed its help page
+            commands = {command.name for command in app.registered_commands}
+            command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in commands else ""
+            hint = f"seg {command} --help" if command else "seg --help"
+            print(f"seg: error: {message} (see '{hint}')", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -115,7 +115,8 @@ def _load_backbone_weights(net: nn.Module, name: str, weights_file: str | None) 
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing or unexpected:
         raise UsageError(
-            f"backbone weights do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"backbone weights do not fit {name}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
 
 
@@ -190,5 +191,7 @@ def build_encoder(
         nodes = [f"features.{i - 1}" for i in pools]
         channels = (64, 128, 256, 512, 512)
         reductions = (1, 2, 4, 8, 16)
-    body = create_feature_extractor(net, return_nodes={node: str(i) for i, node in enumerate(nodes)})
+    body = create_feature_extractor(
+        net, return_nodes={node: str(i) for i, node in enumerate(nodes)}
+    )
     return Encoder(body, channels, reductions)

@@ -1,0 +1,90 @@
+"""Flags shared by several commands, declared once so every command spells them the same."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+MODEL_PANEL = "Model"
+
+Backbone = Annotated[
+    str | None,
+    typer.Option(
+        "--backbone",
+        "-b",
+        help="Encoder: none, resnet18..152, vgg11..19[_bn]; default per arch.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+Classes = Annotated[
+    int,
+    typer.Option(
+        "--classes",
+        "-c",
+        min=1,
+        help="Output classes (1 = binary, one logit).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+InChannels = Annotated[
+    int,
+    typer.Option(
+        "--in-channels",
+        min=1,
+        help="Input channels (1 gray, 3 RGB, 4 RGBA...).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+Up = Annotated[
+    str | None,
+    typer.Option(help="UNet family upsampling: transpose | bilinear.", rich_help_panel=MODEL_PANEL),
+]
+Down = Annotated[
+    str | None,
+    typer.Option(
+        help="Plain UNet downsampling: maxpool | conv (UNet-2).", rich_help_panel=MODEL_PANEL
+    ),
+]
+Attention = Annotated[
+    str | None,
+    typer.Option(
+        help="UNet family decoder attention: none | cbam | self.", rich_help_panel=MODEL_PANEL
+    ),
+]
+DeepSupervision = Annotated[
+    bool | None,
+    typer.Option(
+        "--deep-supervision/--no-deep-supervision",
+        help="UNet++/UNet3+ side outputs trained with the main one.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+Cgm = Annotated[
+    bool | None,
+    typer.Option(
+        "--cgm/--no-cgm", help="UNet3+ classification-guided module.", rich_help_panel=MODEL_PANEL
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def model_options(**flags: object) -> dict[str, object]:
+    """The architecture options the user actually gave (None means 'architecture default')."""
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'256' -> (256, 256); '256x320' -> (256, 320) as height x width."""
+    from segcli.errors import UsageError
+
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise UsageError(f"{flag} takes N or HxW (e.g. 256 or 256x320), not '{text}'")
+    return values[0], values[1]

@@ -1,0 +1,93 @@
+"""`seg params` and the CLI basics, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+from tests.test_models_unet_family import SPEC_COUNTS
+
+
+def test_table_reproduces_the_published_counts(seg):
+    result = seg("params", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    published = {row["backbone"]: row["params"] for row in rows[:6]}
+    assert published == SPEC_COUNTS
+    assert [row["name"] for row in rows[:6]] == [
+        "UNet",
+        "ResUNet18",
+        "ResUNet34",
+        "ResUNet50",
+        "ResUNet101",
+        "ResUNet152",
+    ]
+    assert {"unetpp", "unet3p"} <= {row["arch"] for row in rows}
+
+
+def test_table_prints_millions_with_two_decimals(seg):
+    result = seg("params")
+    assert result.returncode == 0
+    for text in ("31,036,672", "31.04M", "20.78M", "30.89M", "40.90M", "59.89M", "75.54M"):
+        assert text in result.stdout
+
+
+def test_one_model_with_flops(seg):
+    result = seg(
+        "params",
+        "unet3p",
+        "--backbone",
+        "resnet34",
+        "--classes",
+        "3",
+        "--in-channels",
+        "1",
+        "--flops",
+        "--size",
+        "64x96",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert (row["arch"], row["backbone"], row["classes"], row["in_channels"]) == (
+        "unet3p",
+        "resnet34",
+        3,
+        1,
+    )
+    assert row["gflops"] > 0
+
+
+def test_usage_errors_exit_2_with_one_line(seg):
+    for args in (
+        ["params", "nope"],
+        ["params", "unet", "--backbone", "resnet9"],
+        ["params", "unet", "--backbone", "resnet18", "--down", "conv"],
+        ["params", "--flops", "--size", "big"],
+        ["params", "--no-such-flag"],
+        ["no-such-command"],
+    ):
+        result = seg(*args)
+        assert result.returncode == 2, args
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("seg: error:"), result.stderr
+
+
+def test_unknown_backbone_message_lists_the_valid_ones(seg):
+    result = seg("params", "unet", "--backbone", "resnet9")
+    assert "resnet34" in result.stderr and "vgg16_bn" in result.stderr
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from segcli.cli import app\n"
+        "try:\n"
+        "    app(['--help'], standalone_mode=False)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'seg --help imported torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "params" in result.stdout

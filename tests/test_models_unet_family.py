@@ -1,0 +1,128 @@
+"""The UNet family: SPEC.md section 1 counts, any input size, any channel count, gradients."""
+
+import pytest
+import torch
+
+from segcli.errors import UsageError
+from segcli.models import build_model
+from segcli.models.summary import build_on_meta, count_parameters
+
+SPEC_COUNTS = {
+    "none": 31_036_672,
+    "resnet18": 20_777_344,
+    "resnet34": 30_885_504,
+    "resnet50": 40_899_456,
+    "resnet101": 59_891_584,
+    "resnet152": 75_535_232,
+}
+
+
+@pytest.mark.parametrize(("backbone", "expected"), SPEC_COUNTS.items())
+def test_unet_parameter_counts_match_the_published_table(backbone, expected):
+    assert count_parameters(build_on_meta("unet", backbone, 3, 1)) == expected
+
+
+def test_meta_and_real_builds_count_the_same():
+    real = build_model("unet", "resnet18", classes=1)
+    assert count_parameters(real) == SPEC_COUNTS["resnet18"]
+
+
+@pytest.mark.parametrize(("backbone", "per_class"), [("none", 64), ("resnet34", 32)])
+def test_classes_change_only_the_head(backbone, per_class):
+    one = count_parameters(build_on_meta("unet", backbone, 3, 1))
+    five = count_parameters(build_on_meta("unet", backbone, 3, 5))
+    assert five - one == 4 * per_class
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp", "unet3p"])
+@pytest.mark.parametrize("backbone", ["none", "resnet18", "vgg11_bn"])
+@pytest.mark.parametrize("in_channels", [1, 4])
+def test_logits_have_the_input_size_for_odd_sizes(arch, backbone, in_channels):
+    model = build_model(arch, backbone, in_channels=in_channels, classes=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_channels, 65, 97))
+    assert out.shape == (2, 3, 65, 97)
+    assert torch.isfinite(out).all()
+
+
+def test_bottleneck_resnet_encoder_works_in_every_family():
+    for arch in ("unet", "unetpp", "unet3p"):
+        model = build_model(arch, "resnet50", in_channels=3, classes=2).eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 33, 47)).shape == (1, 2, 33, 47)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"up": "bilinear"},
+        {"down": "conv"},
+        {"attention": "cbam"},
+        {"attention": "self"},
+        {"up": "bilinear", "attention": "cbam"},
+    ],
+)
+def test_unet_options_keep_the_output_size(options):
+    model = build_model("unet", "none", in_channels=3, classes=2, **options).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 50, 70)).shape == (1, 2, 50, 70)
+
+
+def test_strided_conv_downsampling_adds_learnt_parameters():
+    pooled = count_parameters(build_on_meta("unet", "none", 3, 1))
+    strided = count_parameters(build_on_meta("unet", "none", 3, 1, down="conv"))
+    assert strided - pooled == 4 * sum(c * c for c in (64, 128, 256, 512))
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp", "unet3p"])
+def test_gradients_reach_the_first_layer(arch):
+    model = build_model(arch, "resnet18", in_channels=3, classes=2).train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    first = next(p for p in model.parameters() if p.dim() == 4)
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "aux_count"),
+    [
+        ("unetpp", {"deep_supervision": True}, 3),
+        ("unet3p", {"deep_supervision": True}, 4),
+        ("unet3p", {"cgm": True}, 0),
+    ],
+)
+def test_deep_supervision_returns_full_size_side_outputs_in_training(arch, options, aux_count):
+    model = build_model(arch, "none", in_channels=1, classes=3, **options).train()
+    out = model(torch.randn(2, 1, 40, 56))
+    assert out["out"].shape == (2, 3, 40, 56)
+    assert [tuple(a.shape) for a in out["aux"]] == [(2, 3, 40, 56)] * aux_count
+    if options.get("cgm"):
+        assert out["cls"].shape == (2, 3)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 40, 56)).shape == (1, 3, 40, 56)
+
+
+def test_cgm_switches_off_absent_foreground_classes_only():
+    from segcli.models.unet3p import UNet3Plus
+
+    logits = torch.zeros(1, 3, 2, 2)
+    presence = torch.tensor([[-5.0, -5.0, 5.0]])
+    gated = UNet3Plus._gate(logits, presence)
+    assert gated[0, 0].eq(0).all()  # background is never suppressed
+    assert gated[0, 1].lt(-1000).all()
+    assert gated[0, 2].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    ("arch", "backbone", "options", "fragment"),
+    [
+        ("nope", None, {}, "unknown architecture"),
+        ("unet", "resnet9", {}, "not a backbone of unet"),
+        ("unet", "resnet18", {"down": "conv"}, "--down conv"),
+        ("unet", "none", {"up": "nearest"}, "--up"),
+        ("unet", "none", {"cgm": True}, "no option cgm"),
+    ],
+)
+def test_invalid_models_raise_usage_errors(arch, backbone, options, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        build_model(arch, backbone, **options)
