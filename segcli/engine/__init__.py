@@ -1,0 +1,1 @@
+"""The training engine: optimizers, learning-rate schedules and the training/evaluation loops."""

@@ -1,0 +1,250 @@
+"""Optimizers (`--optimizer`) and learning-rate schedules (`--scheduler`).
+
+`build_optimizer` puts weights in a decayed group and biases and normalisation parameters in an
+undecayed one. `build_scheduler` returns an `LRSchedule` that owns the learning rate of every
+group: the engine calls `step_iteration()` after every optimizer step and `step_epoch(val_miou)`
+after each epoch's validation. Per-iteration schedules (poly, cosine, warm-up) therefore move
+every iteration, epoch schedules (step, plateau) once per epoch. The state is plain numbers so it
+can be stored as JSON.
+
+The learning rate of iteration i (0-based, the lr used by optimizer step i + 1) is
+
+    lr(i) = warmup(i) * schedule(i)
+    warmup(i) = (i + 1) / W for i < W, else 1            W = round(warmup_epochs * steps_per_epoch)
+    poly:    min_lr + (lr - min_lr) * (1 - t) ** power    t = (i - W) / (T - W) clamped to [0, 1]
+    cosine:  min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2      T = epochs * steps_per_epoch
+    step:    max(min_lr, lr * gamma ** (epochs_done // step_size))
+    plateau: max(min_lr, lr * gamma ** reductions), one reduction each time val mIoU has not
+             improved (relative threshold 1e-4) for more than `patience` epochs, as torch's
+             ReduceLROnPlateau(mode="max")
+    none:    lr
+
+so poly and cosine decay over the iterations after warm-up and reach min_lr once all T are done
+(the same curves as torch's PolynomialLR and CosineAnnealingLR stepped per iteration).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from segcli.errors import UsageError
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS: tuple[str, ...] = ("step", "poly", "cosine", "plateau", "none")
+
+_NORM_LAYERS = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Two groups: `decay` (weights) and `no_decay` (biases and norm-layer parameters). Frozen
+    parameters are included so that unfreezing later needs no new optimizer; they have no
+    gradient while frozen, and the optimizers skip them."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:  # tied parameters belong to one group only
+                continue
+            seen.add(id(parameter))
+            is_bias = name.endswith("bias") or parameter.ndim <= 1
+            (no_decay if is_bias or isinstance(module, _NORM_LAYERS) else decay).append(parameter)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """sgd (with `momentum`, optionally Nesterov), adam, adamw, or rmsprop (with `momentum`).
+    Weight decay skips biases and normalisation layers."""
+    if name not in OPTIMIZERS:
+        raise UsageError(f"--optimizer: unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    if not lr > 0:
+        raise UsageError(f"--lr must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {weight_decay}")
+    if not 0 <= momentum < 1:
+        raise UsageError(f"--momentum must be in [0, 1), got {momentum}")
+    if nesterov and (name != "sgd" or momentum == 0):
+        raise UsageError("--nesterov applies to --optimizer sgd with --momentum > 0 only")
+    groups = parameter_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
+
+
+class LRSchedule:
+    """Sets every param group's lr from the iteration and epoch counters (formulas in the module
+    docstring). Construction already applies the lr of iteration 0."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        name: str,
+        *,
+        epochs: int,
+        steps_per_epoch: int,
+        warmup_epochs: float,
+        step_size: int,
+        gamma: float,
+        power: float,
+        min_lr: float,
+        patience: int,
+    ) -> None:
+        self.optimizer = optimizer
+        self.name = name
+        self.total_iterations = epochs * steps_per_epoch
+        self.warmup_iterations = round(warmup_epochs * steps_per_epoch)
+        self.step_size = step_size
+        self.gamma = gamma
+        self.power = power
+        self.min_lr = min_lr
+        self.patience = patience
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.iteration = 0
+        self.epoch = 0
+        self.reductions = 0  # plateau: how many times the lr was multiplied by gamma
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self._apply()
+
+    def step_iteration(self) -> None:
+        """Call after every optimizer step."""
+        self.iteration += 1
+        self._apply()
+
+    def step_epoch(self, val_miou: float | None = None) -> None:
+        """Call after each epoch (and its validation, if any). NaN or None mIoU leaves the
+        plateau state alone."""
+        self.epoch += 1
+        if self.name == "plateau" and val_miou is not None and not math.isnan(val_miou):
+            if self.best is None or val_miou > self.best * (1 + 1e-4):
+                self.best = val_miou
+                self.bad_epochs = 0
+            else:
+                self.bad_epochs += 1
+                if self.bad_epochs > self.patience:
+                    self.reductions += 1
+                    self.bad_epochs = 0
+        self._apply()
+
+    def lr_at(self, base_lr: float) -> float:
+        """The lr for the current counters of a group whose peak lr is `base_lr`."""
+        i = self.iteration
+        warmup = (i + 1) / self.warmup_iterations if i < self.warmup_iterations else 1.0
+        if self.name in ("poly", "cosine"):
+            span = max(1, self.total_iterations - self.warmup_iterations)
+            t = min(1.0, max(0.0, (i - self.warmup_iterations) / span))
+            shape = (
+                (1 - t) ** self.power if self.name == "poly" else (1 + math.cos(math.pi * t)) / 2
+            )
+            return warmup * (self.min_lr + (base_lr - self.min_lr) * shape)
+        if self.name == "step":
+            scaled = base_lr * self.gamma ** (self.epoch // self.step_size)
+        elif self.name == "plateau":
+            scaled = base_lr * self.gamma**self.reductions
+        else:
+            scaled = base_lr
+        return warmup * max(self.min_lr, scaled)
+
+    def _apply(self) -> None:
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = self.lr_at(base_lr)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, object]:
+        """JSON-serialisable: the counters, plateau state and peak lrs."""
+        return {
+            "name": self.name,
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "base_lrs": list(self.base_lrs),
+            "reductions": self.reductions,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise UsageError(
+                f"--scheduler {self.name} cannot resume a run trained with '{state.get('name')}'"
+            )
+        base_lrs = [float(lr) for lr in state["base_lrs"]]
+        if len(base_lrs) != len(self.optimizer.param_groups):
+            raise UsageError("the saved schedule does not match the optimizer's parameter groups")
+        self.base_lrs = base_lrs
+        self.iteration = int(state["iteration"])
+        self.epoch = int(state["epoch"])
+        self.reductions = int(state["reductions"])
+        best = state["best"]
+        self.best = None if best is None else float(best)
+        self.bad_epochs = int(state["bad_epochs"])
+        self._apply()
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    step_size: int = 30,
+    gamma: float = 0.1,
+    power: float = 0.9,
+    min_lr: float = 0.0,
+    patience: int = 5,
+) -> LRSchedule:
+    """The schedule for `--scheduler name`; the optimizer's current lr is the peak lr."""
+    if name not in SCHEDULERS:
+        raise UsageError(f"--scheduler: unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
+    if epochs < 1 or steps_per_epoch < 1:
+        raise UsageError(
+            f"need epochs >= 1 and steps per epoch >= 1, got {epochs}, {steps_per_epoch}"
+        )
+    if warmup_epochs < 0:
+        raise UsageError(f"--warmup-epochs must be >= 0, got {warmup_epochs}")
+    if step_size < 1:
+        raise UsageError(f"--step-size must be >= 1, got {step_size}")
+    if not 0 < gamma <= 1:
+        raise UsageError(f"--gamma must be in (0, 1], got {gamma}")
+    if power <= 0 or min_lr < 0 or patience < 0:
+        raise UsageError("power must be > 0, min_lr >= 0 and patience >= 0")
+    return LRSchedule(
+        optimizer,
+        name,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=warmup_epochs,
+        step_size=step_size,
+        gamma=gamma,
+        power=power,
+        min_lr=min_lr,
+        patience=patience,
+    )
