@@ -1,0 +1,106 @@
+"""Device and precision choices, made once and shared by train, eval, predict and bench."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segcli.errors import UsageError, choose
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an unavailable device is a usage error."""
+    choose("--device", name.split(":")[0], DEVICES)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX: there bf16 autocast runs about 2x faster than fp32
+    (SPEC.md section 6); elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None = fp32), whether fp16 needs a grad scaler, and the memory format."""
+
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype is torch.float16
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def resolve_precision(
+    amp: str, device: torch.device, channels_last: bool | None = None
+) -> Precision:
+    """`auto`: bf16 on CUDA with bf16 support and on CPUs with native bf16, fp16 on older CUDA,
+    fp32 elsewhere. channels_last defaults to on with autocast on CPU and CUDA, where it was
+    measured faster (SPEC.md section 6), and off on MPS."""
+    choose("--amp", amp, AMP_MODES)
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_has_native_bf16():
+            amp = "bf16"
+        else:
+            amp = "off"
+    if amp == "fp16" and device.type == "cpu":
+        raise UsageError("--amp fp16 is for CUDA/MPS; on CPU use --amp bf16 or off")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    if channels_last is None:
+        channels_last = device.type in ("cpu", "cuda") and dtype is not None
+    return Precision(dtype, channels_last)
+
+
+def to_device(batch: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
+    """Move an image batch to the device in the model's memory format."""
+    batch = batch.to(device, non_blocking=True)
+    if precision.channels_last and batch.dim() == 4:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd, restoring the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
