@@ -65,7 +65,7 @@ class _Batch:
 
     @cached_property
     def probs(self) -> torch.Tensor:
-        return self.log_probs.exp()
+        return self.logits.softmax(dim=1)
 
     @cached_property
     def log_prob_target(self) -> torch.Tensor:
@@ -79,7 +79,9 @@ class _Batch:
     def prediction(self) -> torch.Tensor:
         if self.binary:
             return (self.logits[:, 0] > 0).long()
-        return self.logits.argmax(dim=1)
+        # max(...).indices is argmax with the same first-index tie rule, but several times
+        # faster than argmax over the channel dimension of NCHW on CPU.
+        return self.logits.max(dim=1).indices
 
     def valid_mean(self, values: torch.Tensor) -> torch.Tensor:
         return (values * self.valid_f).sum() / self.num_valid.clamp_min(1)
@@ -156,17 +158,19 @@ def _region_sums(
     flat_target = batch.target.flatten()
     flat_valid = valid_f.flatten()
     # Intersection of class c = sum of p_c over pixels labelled c: the probability gathered at
-    # the target class, summed per class. No N x C x H x W one-hot is built.
-    p_target = batch.log_prob_target.exp().flatten() * flat_valid
-    intersection = p_target.new_zeros(classes).index_add(0, flat_target, p_target)
-    prob_mass = torch.einsum("nchw,nhw->c", batch.probs, valid_f)
-    target_count = torch.bincount(flat_target, weights=flat_valid, minlength=classes).float()
-    predicted = (
-        torch.bincount(batch.prediction.flatten(), weights=flat_valid, minlength=classes) > 0
-    )
+    # the target class, summed per class. No N x C x H x W one-hot is built. index_add is used
+    # for every per-class sum because it is much faster than bincount on CPU.
+    p_target = batch.probs.gather(1, batch.target.unsqueeze(1)).flatten() * flat_valid
+    zeros = flat_valid.new_zeros(classes)
+    intersection = zeros.index_add(0, flat_target, p_target)
+    # A batched matmul with the mask: the masked N x C x H x W product is never stored.
+    n = batch.probs.shape[0]
+    probs = batch.probs.reshape(n, classes, -1)
+    prob_mass = torch.bmm(probs, valid_f.reshape(n, -1, 1)).sum((0, 2))
+    target_count = zeros.index_add(0, flat_target, flat_valid)
+    predicted = zeros.index_add(0, batch.prediction.flatten(), flat_valid) > 0
     present = (target_count > 0) | predicted
     if not include_background:
-        present = present.clone()
         present[0] = False
     return intersection, prob_mass, target_count, present
 
@@ -246,7 +250,7 @@ class SegLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # The losses need float32 reductions and exp/log; autocast would push einsum to bf16.
+        # The losses need float32 reductions and exp/log; autocast would run bmm in bf16.
         with torch.autocast(device_type=logits.device.type, enabled=False):
             batch = _Batch(logits, target, self.ignore_index)
             total = self.weights[0] * self.terms[0].compute(batch)
