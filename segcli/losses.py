@@ -53,6 +53,7 @@ class _Batch:
             )
         self.logits = logits.float()
         self.binary = logits.shape[1] == 1
+        target = target.long()
         self.valid = target != ignore_index
         self.valid_f = self.valid.float()
         # Ignored pixels get class 0 so gathers stay in range; `valid` masks them out.

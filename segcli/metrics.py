@@ -42,7 +42,7 @@ class ConfusionMatrix:
                 f"predictions {tuple(preds.shape)} and target {tuple(target.shape)} differ"
             )
         k = self.num_classes
-        target = target.to(self.matrix.device)
+        target = target.to(self.matrix.device, torch.int64)  # uint8 masks would overflow t * k
         preds = preds.to(self.matrix.device)
         valid = target != self.ignore_index
         out_of_range = valid & ((target < 0) | (target >= k))
@@ -65,7 +65,8 @@ class ConfusionMatrix:
                 return (x[:, 0] > 0).long()
             if x.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {x.shape[1]} classes, expected {self.num_classes}")
-            return x.argmax(dim=1)
+            # Same first-index tie rule as argmax, several times faster over NCHW channels on CPU.
+            return x.max(dim=1).indices
         if x.ndim != 3:
             raise ValueError(f"predictions must be N x H x W, got {tuple(x.shape)}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_classes):

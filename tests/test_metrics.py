@@ -166,3 +166,9 @@ def test_all_reduce_sums_the_matrix(tmp_path):
         assert torch.equal(cm.matrix, before) and cm.matrix.dtype == torch.int64
     finally:
         dist.destroy_process_group()
+
+
+def test_uint8_targets_do_not_overflow():
+    cm = ConfusionMatrix(20)
+    cm.update(torch.tensor([[[19, 3]]]), torch.tensor([[[19, IGNORE]]], dtype=torch.uint8))
+    assert int(cm.matrix[19, 19]) == 1 and int(cm.matrix.sum()) == 1
