@@ -43,7 +43,7 @@ _EPS = 1e-6
 
 class _Batch:
     """float32 views of one (logits, target) pair, computed lazily and shared by the terms of a
-    joint loss so `dice+ce` runs one softmax."""
+    joint loss so masks, probabilities and the hard prediction are computed once."""
 
     def __init__(self, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
         if logits.ndim != 4 or target.ndim != 3 or logits.shape[0] != target.shape[0]:
@@ -82,7 +82,8 @@ class _Batch:
             return (self.logits[:, 0] > 0).long()
         # max(...).indices is argmax with the same first-index tie rule, but several times
         # faster than argmax over the channel dimension of NCHW on CPU.
-        return self.logits.max(dim=1).indices
+        with torch.no_grad():
+            return self.logits.max(dim=1).indices
 
     def valid_mean(self, values: torch.Tensor) -> torch.Tensor:
         return (values * self.valid_f).sum() / self.num_valid.clamp_min(1)
