@@ -1,0 +1,154 @@
+"""The training configuration: defaults, a TOML file, then command-line flags (which win)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from segcli.errors import UsageError
+
+
+@dataclass
+class TrainConfig:
+    """Every `seg train` setting. Field names are the TOML keys and, with `-` for `_`, the
+    command-line flags."""
+
+    arch: str = "unet"
+    backbone: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    backbone_weights: str | None = None
+    # data
+    data: str | None = None  # None: the bundled mock dataset
+    classes_file: str | None = None
+    foreground: int | None = None
+    in_channels: int = 3
+    size: str = "256"
+    augment: bool = True
+    scale_min: float = 0.5
+    hflip: bool = True
+    vflip: bool = False
+    rotate: float = 10.0
+    color_jitter: float = 0.2
+    workers: int = 2
+    # optimisation
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 30
+    gamma: float = 0.1
+    loss: str = "ce"
+    class_weights: str | None = None  # "1,2,5" or "auto"
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = None
+    tversky_alpha: float = 0.5
+    tversky_beta: float = 0.5
+    dice_background: bool = True
+    aux_weight: float | None = None  # None: the architecture's own weight
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    # execution
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool | None = None  # None: chosen with the precision
+    compile: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    # output
+    out: str | None = None  # None: runs/<arch>-<backbone>, numbered if taken
+    resume: str | None = None
+    patience: int = 0  # epochs without val mIoU gain before stopping; 0 = never
+    previews: int = 4
+
+    def validate(self) -> None:
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "accum_steps": self.accum_steps,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, not {self.lr}")
+        if self.workers < 0 or self.patience < 0:
+            raise UsageError("--workers and --patience must not be negative")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML that `--config` reads back."""
+        lines, tables = [], []
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                tables.append((key, value))
+            elif value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for name, table in tables:
+            lines.append(f"\n[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file; unknown keys are usage errors naming the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config: no such file: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path}: not valid TOML ({error})") from None
+    data = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(data) - FIELD_NAMES)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def resolve_config(
+    config_file: str | Path | None, flags: dict[str, Any], *, base: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults < `base` (a resumed run's config) < TOML file < flags given on the command line
+    (those not None). Model options merge key by key."""
+    merged: dict[str, Any] = dict(base or {})
+    layers = [read_toml(config_file) if config_file else {}, flags]
+    for layer in layers:
+        for key, value in layer.items():
+            if value is None:
+                continue
+            if key == "model_options":
+                merged["model_options"] = {**merged.get("model_options", {}), **value}
+            else:
+                merged[key] = value
+    try:
+        config = TrainConfig(**merged)
+    except TypeError as error:
+        raise UsageError(f"invalid training settings: {error}") from None
+    config.validate()
+    return config

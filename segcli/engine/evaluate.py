@@ -1,0 +1,71 @@
+"""Scoring a model on a dataset split: one confusion matrix over the whole split (SPEC.md
+section 2), optionally at each image's original size and with test-time augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from segcli.engine.device import Precision, inference_mode, to_device
+from segcli.engine.inference import class_probabilities, labels_from_probabilities
+from segcli.metrics import ConfusionMatrix
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # ConfusionMatrix.to_json()
+    loss: float | None
+    matrix: ConfusionMatrix
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    scored_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    precision: Precision,
+    criterion: nn.Module | None = None,
+    tta: bool = False,
+    input_size: tuple[int, int] | None = None,
+    distributed: bool = False,
+) -> EvalResult:
+    """Score `model` on `loader`. With `input_size`, images (at their original size) are
+    resized to it for the model and the logits resized back to each mask's size."""
+    matrix = ConfusionMatrix(scored_classes, ignore_index, device=device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum, images
+    with inference_mode(model):
+        for images, masks in loader:
+            masks = masks.to(device, non_blocking=True)
+            original = masks.shape[-2:]
+            if input_size is not None:
+                images = F.interpolate(
+                    images, size=input_size, mode="bilinear", align_corners=False
+                )
+            if tta:
+                scores = class_probabilities(
+                    model, images, precision=precision, device=device, tta=True
+                )
+            else:
+                with precision.autocast(device):
+                    scores = model(to_device(images, device, precision)).float()
+            if scores.shape[-2:] != original:
+                scores = F.interpolate(scores, size=original, mode="bilinear", align_corners=False)
+            if criterion is not None and not tta:
+                loss_sum[0] += criterion(scores, masks).double() * len(images)
+                loss_sum[1] += len(images)
+            if tta:
+                matrix.update(labels_from_probabilities(scores), masks)
+            else:
+                matrix.update(scores, masks)
+    if distributed:
+        matrix.all_reduce()
+        torch.distributed.all_reduce(loss_sum)
+    loss = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else None
+    return EvalResult(matrix.to_json(), loss, matrix)

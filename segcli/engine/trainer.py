@@ -1,0 +1,537 @@
+"""The training loop behind `seg train`: mixed precision, channels_last, torch.compile,
+gradient accumulation and clipping, auxiliary losses, DDP, atomic checkpoints, resume, early
+stopping, and clean stops on Ctrl-C, SIGTERM or a non-finite loss."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcli.engine.checkpoint import (
+    CheckpointInfo,
+    model_build_config,
+    read_checkpoint,
+    save_checkpoint,
+)
+from segcli.engine.config import TrainConfig
+from segcli.engine.device import Precision, resolve_device, resolve_precision, to_device
+from segcli.engine.distributed import DistContext, ShardSampler, init_distributed
+from segcli.engine.evaluate import evaluate
+from segcli.engine.progress import Reporter
+from segcli.engine.report import append_jsonl, plot_curves, read_jsonl, save_preview
+from segcli.engine.state import load_training_state, save_training_state, state_path_for
+from segcli.errors import RuntimeFailure, SegError, UsageError
+
+
+class TrainingInterrupted(SegError):
+    """Ctrl-C or SIGTERM: the last finished epoch is saved; exit 130 like a shell."""
+
+    exit_code = 130
+
+
+@dataclass
+class RunData:
+    """Datasets and what the model and loss need to know about them."""
+
+    train: Any
+    val: Any
+    mapping: Any
+    class_pixels: list[int]
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def model_classes(self) -> int:
+        """Binary datasets train a one-logit (sigmoid) model; others one logit per class."""
+        return 1 if self.mapping.kind == "binary" else self.mapping.num_classes
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_dir(config: TrainConfig, backbone: str) -> Path:
+    """runs/<arch>-<backbone>, numbered -2, -3... when taken, so no run overwrites another."""
+    base = Path("runs") / f"{config.arch}-{backbone}"
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[dict[str, bool]]:
+    """The first SIGINT/SIGTERM asks the loop to stop at the next step; a second one kills."""
+    flag = {"stop": False}
+    previous = {}
+
+    def request_stop(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, request_stop)
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
+    from segcli.data import (
+        AugmentConfig,
+        SegmentationDataset,
+        check_dataset,
+        default_normalization,
+        mock_root,
+        parse_size,
+    )
+
+    root = Path(config.data) if config.data else mock_root()
+    report = check_dataset(
+        root, config.classes_file, foreground_value=config.foreground, mapping=mapping
+    )
+    size = parse_size(config.size)
+    mean, std = default_normalization(config.in_channels)
+    augment = AugmentConfig.from_flags(
+        config.augment,
+        config.scale_min,
+        config.hflip,
+        config.vflip,
+        config.rotate,
+        config.color_jitter,
+    )
+    common = {"size": size, "in_channels": config.in_channels, "mean": mean, "std": std}
+    return RunData(
+        train=SegmentationDataset(report.info, "train", augment=augment, **common),
+        val=SegmentationDataset(report.info, "val", augment=None, **common),
+        mapping=report.mapping,
+        class_pixels=list(report.splits["train"].class_pixels),
+        size=size,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def build_criterion(config: TrainConfig, data: RunData, model_classes: int) -> nn.Module:
+    from segcli.losses import build_loss, median_frequency_weights
+
+    weights = None
+    if config.class_weights == "auto":
+        weights = median_frequency_weights(data.class_pixels)
+    elif config.class_weights:
+        try:
+            weights = [float(w) for w in config.class_weights.split(",")]
+        except ValueError:
+            raise UsageError(
+                f"--class-weights takes numbers like 1,2,5 or 'auto', not '{config.class_weights}'"
+            ) from None
+    return build_loss(
+        config.loss,
+        num_classes=model_classes,
+        ignore_index=data.mapping.ignore_index,
+        class_weights=weights,
+        focal_gamma=config.focal_gamma,
+        focal_alpha=config.focal_alpha,
+        tversky_alpha=config.tversky_alpha,
+        tversky_beta=config.tversky_beta,
+        dice_include_background=config.dice_background,
+    )
+
+
+def presence_targets(masks: torch.Tensor, classes: int, ignore_index: int) -> torch.Tensor:
+    """N x classes: 1 where a class occurs in the image (for the UNet 3+ CGM's BCE)."""
+    scored = max(classes, 2)
+    valid = masks != ignore_index
+    onehot = torch.zeros(masks.shape[0], scored, device=masks.device)
+    for index in range(masks.shape[0]):
+        present = torch.unique(masks[index][valid[index]])
+        onehot[index, present] = 1.0
+    return onehot[:, 1:] if classes == 1 else onehot
+
+
+def compute_loss(
+    output: torch.Tensor | dict[str, Any],
+    masks: torch.Tensor,
+    criterion: nn.Module,
+    aux_weight: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Main loss, plus `aux_weight` x each auxiliary output's loss, plus the CGM's BCE."""
+    if isinstance(output, torch.Tensor):
+        return criterion(output, masks)
+    loss = criterion(output["out"], masks)
+    for aux in output.get("aux", []):
+        loss = loss + aux_weight * criterion(aux, masks)
+    if "cls" in output:
+        presence = output["cls"].float()
+        target = presence_targets(masks, presence.shape[1], ignore_index)
+        loss = loss + F.binary_cross_entropy_with_logits(presence, target)
+    return loss
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, reporter: Reporter | None = None) -> None:
+        self.config = config
+        self.context: DistContext = init_distributed(config.device)
+        self.reporter = reporter or Reporter(active=self.context.is_main)
+        if not self.context.is_main:
+            self.reporter.active = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        config, context = self.config, self.context
+        if context.enabled and torch.cuda.is_available() and config.device in ("auto", "cuda"):
+            self.device = torch.device("cuda", context.local_rank)
+        else:
+            self.device = resolve_device(config.device)
+        self.precision: Precision = resolve_precision(config.amp, self.device, config.channels_last)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(config.seed)
+
+        resume_state = None
+        mapping = None
+        if config.resume:
+            _, info = read_checkpoint(config.resume)
+            from segcli.data import ClassMapping
+
+            mapping = ClassMapping.from_dict(info.classes)
+            resume_state = load_training_state(state_path_for(config.resume))
+        self.data = load_data(config, mapping)
+
+        from segcli.models import build_model
+
+        weights = {"pretrained": True} if config.pretrained else {}
+        if config.backbone_weights:
+            weights["backbone_weights"] = config.backbone_weights
+        model = build_model(
+            config.arch,
+            config.backbone,
+            config.in_channels,
+            self.data.model_classes,
+            **config.model_options,
+            **weights,
+        )
+        self.backbone = model.build_config["backbone"]
+        self.aux_weight = config.aux_weight if config.aux_weight is not None else model.aux_weight
+        if context.enabled and config.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        memory_format = torch.channels_last if self.precision.channels_last else None
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.criterion = build_criterion(config, self.data, self.data.model_classes)
+
+        from segcli.data import build_loader
+        from segcli.engine.optim import build_optimizer, build_scheduler
+
+        train_sampler = None
+        if context.enabled:
+            from torch.utils.data import DistributedSampler
+
+            train_sampler = DistributedSampler(
+                self.data.train, context.world_size, context.rank, shuffle=True, seed=config.seed
+            )
+        batch = min(config.batch_size, len(self.data.train))
+        # Persistent workers carry their RNG across epochs, which a resumed run cannot
+        # reproduce; deterministic runs load in the main process, seeded every epoch.
+        workers = 0 if config.deterministic else config.workers
+        self.train_loader = build_loader(
+            self.data.train,
+            batch,
+            shuffle=True,
+            workers=workers,
+            seed=config.seed,
+            device_type=self.device.type,
+            drop_last=len(self.data.train) > batch,
+            sampler=train_sampler,
+        )
+        self.val_loader = build_loader(
+            self.data.val,
+            config.batch_size,
+            shuffle=False,
+            workers=workers,
+            seed=config.seed,
+            device_type=self.device.type,
+            sampler=ShardSampler(len(self.data.val), context) if context.enabled else None,
+        )
+        self.optimizer = build_optimizer(
+            self.model,
+            config.optimizer,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.accum_steps)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.scheduler,
+            epochs=config.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=config.warmup_epochs,
+            step_size=config.step_size,
+            gamma=config.gamma,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
+
+        self.start_epoch, self.best_miou, self.best_epoch, self.bad_epochs = 0, -1.0, 0, 0
+        if config.resume:
+            self.out = Path(config.resume).parent
+            self._restore(resume_state)
+        else:
+            self.out = Path(config.out) if config.out else default_run_dir(config, self.backbone)
+        self.step_model: nn.Module = self.model
+        if config.compile:
+            self.step_model = torch.compile(self.model)
+        if context.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = DistributedDataParallel(self.step_model, device_ids=device_ids)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        weights, _ = read_checkpoint(self.config.resume)
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.best_miou = float(state["best_miou"])
+        self.best_epoch = int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
+        if self.start_epoch >= self.config.epochs:
+            raise UsageError(
+                f"--resume: the run already finished {self.start_epoch} epochs; raise --epochs "
+                "to train further"
+            )
+
+    # -- files -------------------------------------------------------------------------------
+    def _info(self, epoch: int, metrics: dict[str, Any]) -> CheckpointInfo:
+        return CheckpointInfo(
+            model=model_build_config(self.model),
+            classes=self.data.mapping.to_dict(),
+            input_size=self.data.size,
+            mean=self.data.mean,
+            std=self.data.std,
+            ignore_index=self.data.mapping.ignore_index,
+            config={**self.config.to_dict(), "loss_resolved": self.criterion.describe()},
+            epoch=epoch,
+            metrics=metrics,
+        )
+
+    def _save(self, epoch: int, record: dict[str, Any], best: bool) -> None:
+        metrics = {"val": record["val"], "val_loss": record["val_loss"]}
+        info = self._info(epoch, metrics)
+        save_checkpoint(self.out / "last.safetensors", self.model, info)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "epoch": epoch,
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+        }
+        save_training_state(self.out / "last.state.safetensors", state)
+        if best:
+            save_checkpoint(self.out / "best.safetensors", self.model, info)
+        append_jsonl(self.out / "metrics.jsonl", record)
+        plot_curves(read_jsonl(self.out / "metrics.jsonl"), self.out / "curves.png")
+
+    def _save_previews(self) -> None:
+        count = min(self.config.previews, len(self.data.val))
+        if count == 0:
+            return
+        from segcli.engine.inference import class_probabilities, labels_from_probabilities
+
+        images, masks = zip(*(self.data.val[i] for i in range(count)), strict=True)
+        self.model.eval()
+        with torch.inference_mode():
+            probabilities = class_probabilities(
+                self.model, torch.stack(images), precision=self.precision, device=self.device
+            )
+        predictions = labels_from_probabilities(probabilities)
+        for index in range(count):
+            save_preview(
+                self.out / f"preview_{index}.png",
+                images[index],
+                masks[index],
+                predictions[index],
+                self.data.mean,
+                self.data.std,
+                self.data.mapping.palette,
+                self.data.mapping.ignore_index,
+            )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int, stop: dict[str, bool]) -> tuple[float, float, float]:
+        config = self.config
+        self.step_model.train()
+        seed_everything(config.seed + epoch)
+        self.train_loader.generator.manual_seed(config.seed + epoch)
+        if self.context.enabled:
+            self.train_loader.sampler.set_epoch(epoch)
+        self.reporter.start_epoch(epoch + 1, config.epochs, len(self.train_loader))
+        total, images_seen, started = 0.0, 0, time.perf_counter()
+        compute_seconds = 0.0
+        batches = len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            for step, (images, masks) in enumerate(self.train_loader):
+                if stop["stop"]:
+                    raise TrainingInterrupted(self._interrupt_message(epoch, step))
+                step_started = time.perf_counter()
+                images = to_device(images, self.device, self.precision)
+                masks = masks.to(self.device, non_blocking=True)
+                with self.precision.autocast(self.device):
+                    output = self.step_model(images)
+                    loss = compute_loss(
+                        output,
+                        masks,
+                        self.criterion,
+                        self.aux_weight,
+                        self.data.mapping.ignore_index,
+                    )
+                if not torch.isfinite(loss):
+                    raise RuntimeFailure(
+                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
+                        f"the last good checkpoint is kept in {self.out}; try a lower --lr, "
+                        "--clip-grad 1.0 or --amp off"
+                    )
+                self.scaler.scale(loss / config.accum_steps).backward()
+                if (step + 1) % config.accum_steps == 0 or step + 1 == batches:
+                    if config.clip_grad:
+                        self.scaler.unscale_(self.optimizer)
+                        nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step_iteration()
+                value = loss.item()
+                total += value * len(images)
+                images_seen += len(images)
+                compute_seconds += time.perf_counter() - step_started
+                rate = images_seen / max(time.perf_counter() - started, 1e-9)
+                self.reporter.step(value, self.scheduler.current_lr(), rate)
+        except RuntimeError as error:
+            if stop["stop"]:  # DataLoader workers died of the same Ctrl-C
+                raise TrainingInterrupted(self._interrupt_message(epoch, 0)) from None
+            raise error
+        seconds = time.perf_counter() - started
+        return total / max(images_seen, 1), seconds, images_seen / max(seconds, 1e-9)
+
+    def _interrupt_message(self, epoch: int, step: int) -> str:
+        last = self.out / "last.safetensors"
+        if last.is_file():
+            return (
+                f"interrupted in epoch {epoch + 1}; epoch {self.start_epoch_done} is saved. "
+                f"Resume with: seg train {self.config.arch} --resume {last}"
+            )
+        return f"interrupted in epoch {epoch + 1} before any epoch finished; nothing to resume"
+
+    @property
+    def start_epoch_done(self) -> int:
+        records = read_jsonl(self.out / "metrics.jsonl")
+        return records[-1]["epoch"] if records else 0
+
+    def run(self) -> dict[str, Any]:
+        self._setup()
+        config, context = self.config, self.context
+        if context.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(config.to_toml())
+            self.reporter.log(
+                f"training {config.arch}/{self.backbone} on {self.data.mapping.describe()}; "
+                f"{len(self.data.train)} train / {len(self.data.val)} val images at "
+                f"{self.data.size[0]}x{self.data.size[1]}; {self.device.type} "
+                f"{self.precision.name}{' channels_last' if self.precision.channels_last else ''}; "
+                f"loss {self.criterion.describe()}; run folder {self.out}"
+            )
+        scored = max(self.data.model_classes, 2)
+        stopped_early = False
+        with stop_on_signals() as stop:
+            try:
+                for epoch in range(self.start_epoch, config.epochs):
+                    train_loss, seconds, rate = self._train_epoch(epoch, stop)
+                    result = evaluate(
+                        self.model,
+                        self.val_loader,
+                        scored_classes=scored,
+                        ignore_index=self.data.mapping.ignore_index,
+                        device=self.device,
+                        precision=self.precision,
+                        criterion=self.criterion,
+                        distributed=context.enabled,
+                    )
+                    miou = result.metrics["miou"]
+                    self.scheduler.step_epoch(miou)
+                    improved = miou is not None and miou > self.best_miou
+                    if improved:
+                        self.best_miou, self.best_epoch, self.bad_epochs = miou, epoch + 1, 0
+                    else:
+                        self.bad_epochs += 1
+                    record = {
+                        "epoch": epoch + 1,
+                        "epochs": config.epochs,
+                        "train_loss": train_loss,
+                        "val_loss": result.loss,
+                        "lr": self.scheduler.current_lr(),
+                        "val": result.metrics,
+                        "seconds": seconds,
+                        "images_per_second": rate,
+                    }
+                    if context.is_main:
+                        self._save(epoch + 1, record, improved)
+                        self.reporter.epoch_end(record, improved)
+                    if config.patience and self.bad_epochs >= config.patience:
+                        stopped_early = True
+                        self.reporter.log(
+                            f"early stop: no val mIoU gain for {config.patience} epochs"
+                        )
+                        break
+            finally:
+                self.reporter.close()
+        if context.is_main:
+            self._save_previews()
+        return self._summary(stopped_early)
+
+    def _summary(self, stopped_early: bool) -> dict[str, Any]:
+        records = read_jsonl(self.out / "metrics.jsonl")
+        best = next((r for r in records if r["epoch"] == self.best_epoch), records[-1])
+        return {
+            "run": str(self.out),
+            "arch": self.config.arch,
+            "backbone": self.backbone,
+            "epochs_run": records[-1]["epoch"] if records else 0,
+            "stopped_early": stopped_early,
+            "best_epoch": self.best_epoch,
+            "best_checkpoint": str(self.out / "best.safetensors"),
+            "class_names": self.data.mapping.names,
+            "val": best["val"],
+            "val_loss": best["val_loss"],
+            "seconds": sum(r["seconds"] for r in records),
+            "images_per_second": records[-1]["images_per_second"] if records else None,
+            "precision": self.precision.name,
+            "channels_last": self.precision.channels_last,
+            "device": self.device.type,
+        }
