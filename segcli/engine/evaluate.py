@@ -69,3 +69,77 @@ def evaluate(
         torch.distributed.all_reduce(loss_sum)
     loss = (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else None
     return EvalResult(matrix.to_json(), loss, matrix)
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    data: str | None = None,
+    split: str = "val",
+    batch_size: int = 8,
+    device_name: str = "auto",
+    amp: str = "auto",
+    full_res: bool = False,
+    tta: bool = False,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Rebuild a model from its checkpoint alone and score it on a split of a dataset (the
+    checkpoint's class mapping decides how masks are read)."""
+    from segcli.data import (
+        ClassMapping,
+        SegmentationDataset,
+        build_loader,
+        check_dataset,
+        mock_root,
+    )
+    from segcli.engine.checkpoint import load_model
+    from segcli.engine.device import resolve_device, resolve_precision
+    from segcli.errors import UsageError
+
+    device = resolve_device(device_name)
+    precision = resolve_precision(amp, device)
+    model, info = load_model(checkpoint, device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mapping = ClassMapping.from_dict(info.classes)
+    report = check_dataset(data or mock_root(), mapping=mapping, required_splits=(split,))
+    if split not in report.info.splits:
+        raise UsageError(f"--split {split}: the dataset has no {split}/ folder")
+    dataset = SegmentationDataset(
+        report.info,
+        split,
+        size=None if full_res else info.input_size,
+        in_channels=info.model["in_channels"],
+        augment=None,
+        mean=info.mean,
+        std=info.std,
+    )
+    loader = build_loader(
+        dataset,
+        1 if full_res else batch_size,
+        shuffle=False,
+        workers=workers,
+        seed=0,
+        device_type=device.type,
+    )
+    result = evaluate(
+        model,
+        loader,
+        scored_classes=info.scored_classes,
+        ignore_index=info.ignore_index,
+        device=device,
+        precision=precision,
+        tta=tta,
+        input_size=info.input_size if full_res else None,
+    )
+    return {
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "images": len(dataset),
+        "full_res": full_res,
+        "tta": tta,
+        "precision": precision.name,
+        "class_names": mapping.names,
+        "epoch": info.epoch,
+        **result.metrics,
+    }

@@ -14,7 +14,7 @@ class Reporter:
         from rich.console import Console
 
         self.active = active
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.rich = active and not force_plain and sys.stderr.isatty()
         self._progress: Any = None
         self._task: Any = None

@@ -1,0 +1,71 @@
+"""`seg eval CHECKPOINT`: score a checkpoint on a dataset split."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from segcli.cli._options import Json
+
+
+def eval_command(
+    checkpoint: Annotated[str, typer.Argument(help="A .safetensors checkpoint from seg train.")],
+    data: Annotated[
+        str | None, typer.Option(help="Dataset folder [default: bundled mock data].")
+    ] = None,
+    split: Annotated[str, typer.Option(help="val | test | train.")] = "val",
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
+    amp: Annotated[str, typer.Option(help="auto | bf16 | fp16 | off.")] = "auto",
+    full_res: Annotated[
+        bool, typer.Option("--full-res", help="Score at each image's original size.")
+    ] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average flipped predictions.")] = False,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers.")] = 2,
+    json_output: Json = False,
+) -> None:
+    """Score a checkpoint: per-class IoU, Dice and accuracy, with mIoU, mDice and pixel accuracy.
+
+    The model is rebuilt from the checkpoint alone; scores come from one confusion matrix over
+    the whole split."""
+    from segcli.engine.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        checkpoint,
+        data=data,
+        split=split,
+        batch_size=batch_size,
+        device_name=device,
+        amp=amp,
+        full_res=full_res,
+        tta=tta,
+        workers=workers,
+    )
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    table = Table(title=f"{checkpoint} on {split} ({result['images']} images)")
+    for column in ("class", "IoU", "Dice", "acc"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for index, name in enumerate(result["class_names"]):
+        table.add_row(
+            name,
+            cell(result["iou"][index]),
+            cell(result["dice"][index]),
+            cell(result["acc"][index]),
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"mIoU {cell(result['miou'])}  mDice {cell(result['mdice'])}  "
+        f"pixel acc {cell(result['pixel_acc'])}",
+        soft_wrap=True,
+    )
