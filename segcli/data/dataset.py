@@ -1,0 +1,355 @@
+"""The dataset folder (SPEC.md section 3): pairing images with masks, deciding the class mapping
+once for the whole dataset, and the torch Dataset that yields normalised image/mask pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segcli.data.classes import (
+    IGNORE_INDEX,
+    ClassMapping,
+    ClassTable,
+    default_palette,
+    find_class_table,
+    read_class_table,
+)
+from segcli.data.io import (
+    is_image_file,
+    read_header,
+    read_image,
+    read_mask,
+    read_palette,
+    to_channels,
+)
+from segcli.data.transforms import AugmentConfig, build_transforms, default_normalization
+from segcli.errors import UsageError
+
+SPLIT_ORDER = ("train", "val", "test")
+# Without a class table, index masks may hold at most this many classes; a larger value almost
+# always means gray-level or anti-aliased masks rather than class indices.
+MAX_INFERRED_CLASSES = 100
+_GRAY_MODES = frozenset({"1", "L", "LA", "P", "PA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+_COLOR_MODES = frozenset({"RGB", "RGBA", "RGBX"})
+
+
+class DatasetError(UsageError):
+    """An invalid dataset: `problems` holds one line per problem; the message is the first one
+    (with a count of the rest), so the CLI still prints a single line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        more = len(self.problems) - 1
+        suffix = f" (and {more} more problem{'s' * (more != 1)}; run `seg check`)" if more else ""
+        super().__init__(self.problems[0] + suffix)
+
+
+Pair = tuple[Path, Path]
+
+
+@dataclass
+class DatasetInfo:
+    """A scanned dataset: its root, the class mapping and the image/mask pairs of each split
+    (sorted by stem, so the order is the same on every machine)."""
+
+    root: Path
+    mapping: ClassMapping
+    splits: dict[str, list[Pair]]
+    classes_file: Path | None = None
+
+    def pairs(self, split: str) -> list[Pair]:
+        if split not in self.splits:
+            have = ", ".join(self.splits) or "none"
+            raise UsageError(
+                f"{self.root}: has no '{split}' split (found: {have}); "
+                f"add {split}/images and {split}/masks"
+            )
+        return self.splits[split]
+
+
+def _listing(folder: Path) -> list[Path]:
+    # Hidden files (.DS_Store, ._foo from macOS archives) are never data.
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def pair_split(root: Path, split: str) -> tuple[list[Pair], list[str]]:
+    """Pair `split/images/*` with `split/masks/*` by stem. Returns the pairs and one problem line
+    per unpaired, duplicated or non-image file."""
+    images_dir, masks_dir = root / split / "images", root / split / "masks"
+    if not masks_dir.is_dir():
+        return [], [f"{masks_dir}: missing; put the masks of {split}/images there"]
+    problems: list[str] = []
+    by_stem: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
+    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
+        for path in _listing(folder):
+            name = str(path)
+            if not is_image_file(path):
+                problems.append(
+                    f"{name}: not an image file (supported: png, jpg, jpeg, bmp, tif, tiff, gif); "
+                    "remove it from the dataset folder"
+                )
+            elif path.stem in by_stem[kind]:
+                other = by_stem[kind][path.stem].name
+                problems.append(f"{name}: same stem as {other}; keep one {kind} per stem")
+            else:
+                by_stem[kind][path.stem] = path
+    images, masks = by_stem["image"], by_stem["mask"]
+    for stem, path in images.items():
+        if stem not in masks:
+            problems.append(
+                f"{path}: image without a mask (expected "
+                f"{split}/masks/{stem}.png or another format); add the mask or remove the image"
+            )
+    for stem, path in masks.items():
+        if stem not in images:
+            problems.append(
+                f"{path}: mask without an image (expected "
+                f"{split}/images/{stem}.*); add the image or remove the mask"
+            )
+    if not images and not masks and not problems:
+        problems.append(f"{images_dir}: empty split; add images and masks or remove {root / split}")
+    pairs = [(images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
+    return pairs, problems
+
+
+def find_splits(root: Path) -> list[str]:
+    """Split folders (those with an images/ folder): train, val, test first, then the others."""
+    found = [p.name for p in root.iterdir() if p.is_dir() and (p / "images").is_dir()]
+    return sorted(
+        found, key=lambda name: (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else 3, name)
+    )
+
+
+def _table_mapping(table: ClassTable, modes: set[str], first_mask: Path) -> ClassMapping:
+    """The mapping a class table implies for masks of the given Pillow modes."""
+    colour = bool(modes & _COLOR_MODES)
+    if colour:
+        if table.colors is None:
+            raise UsageError(
+                f"{first_mask}: is an RGB colour mask but {table.path.name} gives no colours; "
+                "add a 'color' to every class in the class table"
+            )
+        return ClassMapping("rgb", table.names, table.colors, ignore_colors=table.ignore_colors)
+    palette = table.colors
+    kind = "index"
+    if modes <= {"P", "PA"}:
+        kind = "palette"
+        palette = palette or read_palette(first_mask)[: len(table.names)]
+    return ClassMapping(kind, table.names, palette or [], values=table.values)
+
+
+def _unique_values(pairs: list[Pair], root: Path, problems: list[str]) -> dict[int, Path]:
+    """Every raw value in the masks, with the first file holding it (for error messages)."""
+    seen: dict[int, Path] = {}
+    for _, mask_path in pairs:
+        try:
+            mask = read_mask(mask_path)
+        except UsageError as error:
+            problems.append(str(error))
+            continue
+        if mask.ndim == 3:
+            problems.append(
+                f"{mask_path}: colour mask among single-channel masks; "
+                "use one mask format for the whole dataset"
+            )
+            continue
+        for value in np.unique(mask).tolist():
+            seen.setdefault(int(value), mask_path)
+    return seen
+
+
+def _binary_mapping(
+    values: set[int], foreground_value: int, table: ClassTable | None
+) -> ClassMapping:
+    others = sorted(values - {foreground_value})
+    background = others[0] if others else (0 if foreground_value != 0 else 255)
+    names = ["background", "foreground"]
+    if table is not None and table.values is not None and len(table.names) == 2:
+        by_value = dict(zip(table.values, table.names, strict=True))
+        if {background, foreground_value} <= set(by_value):
+            names = [by_value[background], by_value[foreground_value]]
+    return ClassMapping(
+        "binary",
+        names,
+        [(0, 0, 0), (255, 255, 255)],
+        values=[background, foreground_value],
+        foreground_value=foreground_value,
+    )
+
+
+def _infer_mapping(
+    root: Path,
+    pairs: list[Pair],
+    modes: set[str],
+    table: ClassTable | None,
+    foreground_value: int | None,
+    problems: list[str],
+) -> ClassMapping | None:
+    first_mask = pairs[0][1]
+    if modes & _COLOR_MODES and modes - _COLOR_MODES:
+        problems.append(
+            f"{root}: masks mix colour and single-channel formats; use one format for all masks"
+        )
+        return None
+    if table is not None and (modes & _COLOR_MODES or foreground_value is None):
+        table_values = set(table.values) if table.values is not None else None
+        if table_values != {0, 255}:
+            return _table_mapping(table, modes, first_mask)
+    if modes & _COLOR_MODES:
+        problems.append(
+            f"{first_mask}: is an RGB colour mask; give a class table with a "
+            "colour per class (classes.json in the dataset root or --classes-file)"
+        )
+        return None
+    seen = _unique_values(pairs, root, problems)
+    values = set(seen)
+    if problems:
+        return None
+    if foreground_value is not None:
+        if foreground_value not in values:
+            seen_text = ", ".join(str(v) for v in sorted(values)[:10])
+            problems.append(
+                f"--foreground {foreground_value}: no mask holds that value (values seen: "
+                f"{seen_text}); pick the value of the foreground pixels"
+            )
+            return None
+        if len(values - {foreground_value}) > 1:
+            extra = sorted(values - {foreground_value})[1]
+            problems.append(
+                f"{seen[extra]}: value {extra} in a binary dataset (--foreground "
+                f"{foreground_value}); binary masks hold two values, fix the mask"
+            )
+            return None
+        return _binary_mapping(values, foreground_value, table)
+    if modes == {"1"} or (255 in values and values <= {0, 255}):
+        return _binary_mapping(values, 255, table)
+    labels = values - {IGNORE_INDEX}
+    top = max(labels, default=0)
+    if top >= MAX_INFERRED_CLASSES:
+        problems.append(
+            f"{seen[top]}: value {top} maps to no class (over "
+            f"{MAX_INFERRED_CLASSES} classes without a class table); fix the mask or give a "
+            "class table (classes.json or --classes-file)"
+        )
+        return None
+    count = top + 1
+    names = [f"class_{index}" for index in range(count)]
+    if modes <= {"P", "PA"}:
+        return ClassMapping("palette", names, read_palette(first_mask)[:count])
+    return ClassMapping("index", names, default_palette(count))
+
+
+def scan_dataset(
+    root: str | Path,
+    classes_file: str | Path | None = None,
+    *,
+    foreground_value: int | None = None,
+    mapping: ClassMapping | None = None,
+    splits: Sequence[str] | None = None,
+) -> DatasetInfo:
+    """Pair every split's images and masks and decide the class mapping once for all splits.
+
+    The mapping comes from, in order: `mapping` (e.g. one stored in a checkpoint); a class table
+    (`classes_file`, else classes.json / classes.csv / class_names.txt / classes.txt in `root`);
+    the masks themselves (mode '1' or 0/255 values: binary; palette PNGs: palette; else index
+    with max value + 1 classes). `foreground_value` makes the masks binary with that raw value as
+    class 1 (e.g. 0 for ISBI membranes); by default 255 is the foreground of 0/255 masks.
+    Raises DatasetError listing every pairing problem.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"{root}: dataset folder not found; check --data")
+    names = list(splits) if splits is not None else find_splits(root)
+    if not names:
+        raise UsageError(
+            f"{root}: no split folders; expected train/images, train/masks, val/images, val/masks"
+        )
+    problems: list[str] = []
+    found: dict[str, list[Pair]] = {}
+    for split in names:
+        if not (root / split / "images").is_dir():
+            problems.append(
+                f"{root / split / 'images'}: missing; add {split}/images and {split}/masks"
+            )
+            continue
+        pairs, split_problems = pair_split(root, split)
+        found[split] = pairs
+        problems.extend(split_problems)
+    if problems:
+        raise DatasetError(problems)
+
+    table_path = Path(classes_file).expanduser() if classes_file else find_class_table(root)
+    if mapping is None:
+        table = read_class_table(table_path) if table_path is not None else None
+        all_pairs = [pair for pairs in found.values() for pair in pairs]
+        modes: set[str] = set()
+        for _, mask_path in all_pairs:
+            try:
+                modes.add(read_header(mask_path)[0])
+            except UsageError as error:
+                problems.append(str(error))
+        unknown = modes - _GRAY_MODES - _COLOR_MODES
+        if unknown:
+            problems.append(
+                f"{root}: masks of mode {', '.join(sorted(unknown))}; save masks as gray, palette "
+                "or RGB images"
+            )
+        if not problems:
+            mapping = _infer_mapping(root, all_pairs, modes, table, foreground_value, problems)
+        if problems or mapping is None:
+            raise DatasetError(problems)
+    return DatasetInfo(root, mapping, found, table_path)
+
+
+class SegmentationDataset(Dataset):
+    """One split of a scanned dataset: `(image, mask)` with image float32 C×H×W normalised and
+    mask int64 H×W (class indices, `ignore_index` for ignored pixels), both resized to `size`."""
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        split: str,
+        size: tuple[int, int] | None = (256, 256),
+        in_channels: int = 3,
+        augment: AugmentConfig | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        self.info = info
+        self.split = split
+        self.pairs = info.pairs(split)
+        self.mapping = info.mapping
+        self.size = size
+        self.in_channels = in_channels
+        default_mean, default_std = default_normalization(in_channels)
+        self.mean = tuple(mean) if mean is not None else default_mean
+        self.std = tuple(std) if std is not None else default_std
+        self.transform = build_transforms(size, augment, self.mean, self.std)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw pair before transforms: image (uint8 or float) with `in_channels` channels and
+        the encoded int64 mask. Raises UsageError if their sizes differ."""
+        image_path, mask_path = self.pairs[index]
+        image = to_channels(read_image(image_path), self.in_channels, source=image_path)
+        mask = self.mapping.encode(read_mask(mask_path), mask_path)
+        if tuple(image.shape[-2:]) != mask.shape:
+            raise UsageError(
+                f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but {image_path.name} is "
+                f"{image.shape[-2]}x{image.shape[-1]} (HxW); masks must match their image's size"
+            )
+        return image, torch.from_numpy(mask)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+
+        image, mask = self.load(index)
+        image_out, mask_out = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return image_out.as_subclass(torch.Tensor), mask_out.as_subclass(torch.Tensor).long()
