@@ -42,18 +42,17 @@ def torchvision_to_segcli(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 # One configuration per architecture and backbone family, kept light: fc_width shrinks FCN-VGG's
-# 100M-parameter fc6, and resnet18 stands for the BasicBlock ResNets.
+# 100M-parameter fc6, resnet18 stands for the BasicBlock ResNets, and the Bottleneck ones run
+# here only where their wider layer1 matters (v3+); the parity test runs them at 65x97 too.
 FAMILIES = [
     ("deeplabv3", "resnet18", {}),
-    ("deeplabv3", "resnet50", {"output_stride": 16}),
     ("deeplabv3p", "resnet18", {}),
     ("deeplabv3p", "resnet50", {}),
     ("pspnet", "resnet18", {}),
-    ("pspnet", "resnet50", {"output_stride": 16}),
     ("fcn", "vgg11", {"fc_width": 64}),
     ("fcn", "vgg13_bn", {"fc_width": 64, "stride": 16}),
     ("fcn", "vgg11", {"fc_width": 64, "stride": 32}),
-    ("fcn", "resnet50", {"stride": 16}),
+    ("fcn", "resnet50", {"stride": 32}),
     ("segnet", "vgg16_bn", {}),
     ("fchardnet", "hardnet70", {}),
 ]
@@ -110,7 +109,7 @@ def test_same_weights_give_torchvision_output(arch: str) -> None:
     ours.load_state_dict(torchvision_to_segcli(reference.state_dict()), strict=True)
     reference.eval()
     ours.eval()
-    x = torch.randn(2, 3, *SMALL)
+    x = torch.randn(1, 3, *SMALL)
     with torch.no_grad():
         expected = reference(x)
         out = ours(x)
