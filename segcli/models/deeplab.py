@@ -20,7 +20,8 @@ LOW_LEVEL_CHANNELS = 48
 
 
 class ASPPPooling(nn.Sequential):
-    """The image-level branch: global average, 1x1 conv, BN, ReLU, broadcast back."""
+    """The image-level branch: global average, 1x1 conv, BN, ReLU, broadcast back. Its
+    BatchNorm sees one value per image, so training needs batches of 2 or more."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
