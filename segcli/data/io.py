@@ -7,6 +7,9 @@ indices it would expand to colours). Every failure becomes a one-line UsageError
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,17 @@ _TORCHVISION_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".gif"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_PALETTE = 3  # IHDR colour type of an indexed PNG
 
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec, which segcli does not depend
+# on; the decoders still work, so keep the warning out of every data loading step.
+_DEPRECATED = "The image decoding and encoding capabilities of TorchVision"
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATED, category=DeprecationWarning)
+        yield
+
 
 def is_image_file(path: Path) -> bool:
     """True for files whose extension segcli reads (case-insensitive)."""
@@ -31,7 +45,8 @@ def _read_bytes(path: Path) -> torch.Tensor:
     from torchvision.io import read_file
 
     try:
-        return read_file(str(path))
+        with _quiet():
+            return read_file(str(path))
     except (OSError, RuntimeError) as error:
         raise UsageError(f"{path}: cannot read the file ({error}); check it exists") from None
 
@@ -58,7 +73,8 @@ def _decode_torchvision(path: Path, data: torch.Tensor, *, as_mask: bool) -> tor
     if not as_mask and _png_is_palette(data):
         mode = ImageReadMode.RGB_ALPHA if _pil_has_transparency(path) else ImageReadMode.RGB
     try:
-        tensor = decode_image(data, mode=mode)
+        with _quiet():
+            tensor = decode_image(data, mode=mode)
     except (RuntimeError, ValueError) as error:
         raise _unreadable(path, error) from None
     if tensor.ndim == 4:  # animated GIF: the first frame is the image
@@ -89,7 +105,7 @@ def _pil_image_array(image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         image = image.convert("RGB")
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
     return array if array.ndim == 3 else array[:, :, None]
 
 
