@@ -88,3 +88,16 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     if len(values) != 2 or min(values) < 1:
         raise UsageError(f"{flag} takes N or HxW (e.g. 256 or 256x320), not '{text}'")
     return values[0], values[1]
+
+
+RUN_PANEL = "Run"
+Device = Annotated[
+    str, typer.Option(help="auto | cpu | cuda[:N] | mps.", rich_help_panel=RUN_PANEL)
+]
+Amp = Annotated[
+    str,
+    typer.Option(
+        help="auto | bf16 | fp16 | off (auto: bf16 on CPUs with native bf16 and on CUDA).",
+        rich_help_panel=RUN_PANEL,
+    ),
+]

@@ -1,0 +1,124 @@
+"""`seg predict CHECKPOINT INPUT... --out DIR`: segment images for shell pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from segcli.cli._options import Amp, Device
+
+OUTPUT_PANEL = "Output"
+RUN_PANEL = "Run"
+
+
+def predict(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A .safetensors checkpoint, or an .onnx file from seg export.")
+    ],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (searched recursively) or - for paths on stdin.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (`DIR/<stem>.png`), or - for one image's bytes on stdout.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ],
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="index (class indices, mode L) | color (palette PNG) | overlay (image with "
+            "class colours) | prob (float16 .npy, K x H x W).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = "index",
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Foreground probability cut of a binary model [0.5].",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON line per output: input, output, size, pixels per class.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace existing outputs (default: skip them).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
+    tile: Annotated[
+        int | None,
+        typer.Option(
+            help="Sliding windows of this size at native resolution (big images).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = None,
+    overlap: Annotated[
+        float,
+        typer.Option(help="Window overlap fraction with --tile.", rich_help_panel=RUN_PANEL),
+    ] = 0.25,
+    tta: Annotated[
+        bool,
+        typer.Option("--tta", help="Average flipped predictions.", rich_help_panel=RUN_PANEL),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", help="Images (or windows) per forward.", rich_help_panel=RUN_PANEL
+        ),
+    ] = 4,
+    workers: Annotated[
+        int, typer.Option(help="DataLoader decoding workers.", rich_help_panel=RUN_PANEL)
+    ] = 2,
+    device: Device = "auto",
+    amp: Amp = "auto",
+    fail_fast: Annotated[
+        bool,
+        typer.Option("--fail-fast", help="Stop at the first bad input.", rich_help_panel=RUN_PANEL),
+    ] = False,
+) -> None:
+    """Segment images; write one output per image at its original size.
+
+    stdout carries only the written paths, one per line as each is written (or JSON lines with
+    --json), so `find imgs -name '*.png' | seg predict model.safetensors - --out masks/ | xargs
+    ...` works. Unreadable inputs are reported on stderr and skipped (exit 1 at the end); a bad
+    checkpoint exits 2."""
+    from segcli.engine.predict import PredictOptions
+    from segcli.engine.predict import predict as run_predict
+
+    options = PredictOptions(
+        out=None if out == "-" else Path(out),
+        format=output_format,
+        threshold=threshold,
+        tile=tile,
+        overlap=overlap,
+        tta=tta,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        amp=amp,
+        overwrite=overwrite,
+        fail_fast=fail_fast,
+        json=json_output,
+    )
+    run_predict(checkpoint, inputs, options)

@@ -1,0 +1,420 @@
+"""`seg predict`: shell pipelines, original sizes, formats, tiling, TTA, ONNX and bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segcli.data import ClassMapping
+from segcli.engine.checkpoint import CheckpointInfo, load_model, model_build_config, save_checkpoint
+from segcli.engine.device import Precision
+from segcli.engine.inference import (
+    class_probabilities,
+    sliding_window_probabilities,
+    window_starts,
+)
+from segcli.engine.predict import (
+    OutputSpec,
+    PredictOptions,
+    Streams,
+    expand_inputs,
+    predict,
+)
+from segcli.errors import RuntimeFailure, UsageError
+
+CPU = torch.device("cpu")
+FP32 = Precision(None, channels_last=False)
+NAMES = ["background", "road", "car"]
+# Odd sizes (H, W) so resizing to the 64x64 model size and back cannot hide an off-by-one.
+SIZES = {"a.png": (37, 51), "b.jpg": (70, 45)}
+
+
+def make_info(model: torch.nn.Module, names: list[str]) -> CheckpointInfo:
+    kind = "binary" if len(names) == 2 and model.build_config["classes"] == 1 else "index"
+    return CheckpointInfo(
+        model=model_build_config(model),
+        classes=ClassMapping(kind, names).to_dict(),
+        input_size=(64, 64),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class ResUNet18 at 64x64. Its head is scaled up so the untrained model makes
+    confident, varied predictions instead of near-uniform ones, which would hide differences."""
+    from segcli.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", classes=3)
+    with torch.no_grad():
+        model.head.classify.weight.mul_(30)
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_checkpoint(path, model, make_info(model, NAMES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, (height, width) in SIZES.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+            folder / name
+        )
+    return folder
+
+
+def options(out: Path | None, **overrides: object) -> PredictOptions:
+    # No workers in-process: forking the pytest process is slower than decoding two tiny images.
+    return PredictOptions(out=out, workers=0, amp="off", **overrides)
+
+
+def run(checkpoint: Path, inputs: list[str], opts: PredictOptions, stdin: str = "") -> Streams:
+    streams = Streams(
+        stdin=io.StringIO(stdin), lines=io.StringIO(), data=io.BytesIO(), log=io.StringIO()
+    )
+    predict(checkpoint, inputs, opts, streams)
+    return streams
+
+
+def run_pipeline(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+# --- CLI and shell pipelines ------------------------------------------------------------------
+
+
+def test_shell_pipeline_stdout_holds_exactly_the_paths(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    for name in SIZES:
+        (tmp_path / name).write_bytes((images / name).read_bytes())
+    result = run_pipeline(
+        f"printf 'a.png\\nb.jpg\\n' | {sys.executable} -m segcli predict {checkpoint} - "
+        "--out d --workers 1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "d/a.png\nd/b.png\n"
+    for name, (height, width) in SIZES.items():
+        with Image.open(tmp_path / "d" / f"{Path(name).stem}.png") as mask:
+            assert mask.mode == "L"
+            assert (mask.height, mask.width) == (height, width)
+            assert np.asarray(mask).max() < len(NAMES)
+    assert "wrote 2 of 2" in result.stderr
+
+
+def test_corrupt_file_among_good_ones(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for name in SIZES:
+        (folder / "sub" / name).write_bytes((images / name).read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    out = tmp_path / "out"
+    command = ["predict", str(checkpoint), str(folder), "--out", str(out), "--format", "color"]
+    result = subprocess.run(
+        [sys.executable, "-m", "segcli", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    written = result.stdout.splitlines()
+    assert written == [str(tmp_path / "out" / "sub" / "a.png"), str(tmp_path / "out/sub/b.png")]
+    assert "broken.png" in result.stderr and "notes.txt" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "seg: error: 1 of 3 inputs failed (reported above)"
+    with Image.open(written[0]) as mask:
+        assert mask.mode == "P" and (mask.height, mask.width) == SIZES["a.png"]
+
+
+def test_invalid_checkpoint_exits_2_with_one_line(images: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("garbage")
+    result = subprocess.run(
+        [sys.executable, "-m", "segcli", "predict", str(bad), str(images), "--out", "o"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("seg: error: ") and "bad.safetensors" in result.stderr
+
+
+def test_missing_checkpoint_is_a_usage_error(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        run(tmp_path / "nope.safetensors", [str(images)], options(tmp_path))
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def test_json_records_and_every_format(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    source = str(images / "a.png")
+    height, width = SIZES["a.png"]
+    lines = run(checkpoint, [source], options(tmp_path / "i", json=True)).lines.getvalue()
+    record = json.loads(lines)
+    assert record["input"] == source and record["output"] == str(tmp_path / "i" / "a.png")
+    assert record["size"] == {"height": height, "width": width}
+    assert list(record["pixels"]) == NAMES and sum(record["pixels"].values()) == height * width
+    index = np.asarray(Image.open(record["output"]))
+    assert [int((index == k).sum()) for k in range(3)] == list(record["pixels"].values())
+
+    run(checkpoint, [source], options(tmp_path / "c", format="color"))
+    with Image.open(tmp_path / "c" / "a.png") as color:
+        assert color.mode == "P" and np.array_equal(np.asarray(color), index)
+        palette = ClassMapping("index", NAMES).palette
+        assert color.getpalette()[:9] == [c for rgb in palette for c in rgb]
+
+    run(checkpoint, [source], options(tmp_path / "o", format="overlay"))
+    with Image.open(tmp_path / "o" / "a.png") as overlay:
+        assert overlay.mode == "RGB" and (overlay.height, overlay.width) == (height, width)
+
+    run(checkpoint, [source], options(tmp_path / "p", format="prob"))
+    probabilities = np.load(tmp_path / "p" / "a.npy")
+    assert probabilities.dtype == np.float16 and probabilities.shape == (3, height, width)
+    assert np.allclose(probabilities.sum(axis=0), 1, atol=5e-3)
+    assert np.array_equal(probabilities.argmax(axis=0), index)
+
+
+def test_out_dash_writes_png_bytes(checkpoint: Path, images: Path) -> None:
+    streams = run(checkpoint, [str(images / "b.jpg")], options(None))
+    assert streams.lines.getvalue() == ""
+    with Image.open(io.BytesIO(streams.data.getvalue())) as mask:
+        assert (mask.height, mask.width) == SIZES["b.jpg"]
+    with pytest.raises(UsageError, match="one image"):
+        run(checkpoint, [str(images)], options(None))
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "a.png").write_bytes(b"keep me")
+    streams = run(checkpoint, [str(images)], options(tmp_path))
+    assert streams.lines.getvalue() == f"{tmp_path / 'b.png'}\n"
+    assert "a.png: exists; skipped" in streams.log.getvalue()
+    assert (tmp_path / "a.png").read_bytes() == b"keep me"
+    streams = run(checkpoint, [str(images)], options(tmp_path, overwrite=True))
+    assert len(streams.lines.getvalue().splitlines()) == 2
+    assert Image.open(tmp_path / "a.png").size == (51, 37)
+
+
+def test_fail_fast_stops_at_the_first_bad_input(checkpoint: Path, images: Path, tmp_path: Path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    with pytest.raises(RuntimeFailure, match=r"bad\.jpg.*fail-fast"):
+        run(checkpoint, [str(bad), str(images)], options(tmp_path / "o", fail_fast=True))
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_stdin_folders_and_name_collisions(tmp_path: Path) -> None:
+    (tmp_path / "x" / "deep").mkdir(parents=True)
+    for name in ("x/one.png", "x/deep/two.v2.jpg", "x/skip.txt", "three.tif"):
+        (tmp_path / name).touch()
+    found = expand_inputs(["-"], io.StringIO(f"{tmp_path / 'x'}\n\n{tmp_path / 'three.tif'}\n"))
+    assert [(str(p.relative_to(tmp_path)), str(n)) for p, n in found] == [
+        ("x/deep/two.v2.jpg", "deep/two.v2"),
+        ("x/one.png", "one"),
+        ("three.tif", "three"),
+    ]
+
+
+def test_threshold_is_for_binary_models(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="binary"):
+        run(checkpoint, [str(images)], options(tmp_path, threshold=0.3))
+    info = CheckpointInfo(
+        model={"arch": "unet", "backbone": "none", "in_channels": 3, "classes": 1, "options": {}},
+        classes=ClassMapping("binary", ["background", "cell"]).to_dict(),
+        input_size=(8, 8),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
+    probabilities = torch.tensor([[[0.2, 0.4, 0.6]]])
+    low = OutputSpec.from_info(info, "index", threshold=0.3)
+    data, counts = low.render(probabilities, None)
+    assert counts == [1, 2] and np.asarray(Image.open(io.BytesIO(data))).tolist() == [[0, 1, 1]]
+    assert OutputSpec.from_info(info, "index", threshold=0.5).render(probabilities, None)[1] == [
+        2,
+        1,
+    ]
+
+
+# --- tiling and TTA ---------------------------------------------------------------------------
+
+
+def test_window_starts_cover_the_image_and_end_at_the_border() -> None:
+    assert window_starts(100, 64, 48) == [0, 36]
+    assert window_starts(64, 64, 48) == [0]
+    assert window_starts(50, 64, 48) == [0]
+    assert window_starts(200, 64, 48) == [0, 48, 96, 136]
+
+
+def test_tiling_of_a_pointwise_model_equals_the_untiled_output() -> None:
+    """With a 1x1 model every window sees what the whole image shows, so the blend must give
+    back the untiled probabilities exactly: this checks the weighting and normalisation."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1).eval()
+    image = torch.randn(3, 77, 131)
+    with torch.inference_mode():
+        whole = class_probabilities(model, image[None], precision=FP32, device=CPU)[0]
+        tiled = sliding_window_probabilities(
+            model, image, tile=32, overlap=0.25, precision=FP32, device=CPU, tta=True
+        )
+    assert torch.allclose(tiled, whole, atol=1e-5)
+
+
+def test_tiled_output_matches_untiled_within_border_tolerance(checkpoint: Path) -> None:
+    model, _ = load_model(checkpoint)
+    torch.manual_seed(0)
+    image = torch.randn(3, 96, 80)
+    with torch.inference_mode():
+        whole = class_probabilities(model, image[None], precision=FP32, device=CPU)[0]
+        one_window = sliding_window_probabilities(
+            model, image, tile=128, overlap=0.25, precision=FP32, device=CPU
+        )
+        tiled = sliding_window_probabilities(
+            model, image, tile=64, overlap=0.5, precision=FP32, device=CPU
+        )
+    assert torch.allclose(one_window, whole, atol=1e-6)
+    # The UNet sees less context near window borders, so values there differ somewhat; the
+    # Gaussian weights keep that small (measured: mean 0.0014, 98.6% equal labels).
+    assert (tiled - whole).abs().mean() < 0.01
+    assert (tiled.argmax(0) == whole.argmax(0)).float().mean() > 0.95
+
+
+def test_cli_tiled_output_has_the_exact_input_size(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "odd.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (101, 75), dtype=np.uint8)).save(source)  # gray input
+    run(checkpoint, [str(source)], options(tmp_path / "o", tile=64, tta=True, batch_size=3))
+    with Image.open(tmp_path / "o" / "odd.png") as mask:
+        assert (mask.height, mask.width) == (101, 75)
+
+
+def test_tta_of_a_flip_invariant_model_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 2, 1).eval()
+    batch = torch.randn(2, 3, 20, 30)
+    with torch.inference_mode():
+        plain = class_probabilities(model, batch, precision=FP32, device=CPU)
+        flipped = class_probabilities(model, batch, precision=FP32, device=CPU, tta=True)
+    assert torch.allclose(plain, flipped, atol=1e-6)
+
+
+BIG_IMAGE_SCRIPT = textwrap.dedent(
+    """
+    import io, json, resource, sys
+    from pathlib import Path
+    import numpy as np, torch
+    from PIL import Image
+    from segcli.engine.checkpoint import CheckpointInfo
+    from segcli.engine.device import Precision
+    from segcli.engine.predict import Job, PredictOptions, Predictor, Streams, Summary
+
+    torch.set_num_threads(2)
+    folder = Path(sys.argv[1])
+    Image.new("RGB", (2000, 1500), (90, 120, 60)).save(folder / "big.png")
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1),
+    ).eval()
+    info = CheckpointInfo(
+        model={"arch": "tiny", "backbone": "none", "in_channels": 3, "classes": 3},
+        classes={"kind": "index", "names": ["a", "b", "c"]},
+        input_size=(64, 64), mean=(0.5,) * 3, std=(0.25,) * 3,
+    )
+    options = PredictOptions(out=folder / "out", tile=256, workers=0, amp="off")
+    lines = io.StringIO()
+    predictor = Predictor(
+        model, info, Precision(None, False), torch.device("cpu"), options,
+        Streams(lines=lines, log=sys.stderr),
+    )
+    # A small image first: the first run's one-off allocations (oneDNN kernels, thread pools,
+    # libpng) are not per-image memory.
+    Image.new("RGB", (300, 200)).save(folder / "small.png")
+    predictor.run([Job(folder / "small.png", folder / "out" / "small.png")], Summary())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    predictor.run([Job(folder / "big.png", folder / "out" / "big.png")], Summary())
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    size = Image.open(folder / "out" / "big.png").size
+    print(json.dumps({"peak_increase_mb": (after - before) / 1024, "size": size}))
+    """
+)
+
+
+def test_tiled_2000x1500_image_in_bounded_memory(tmp_path: Path) -> None:
+    """Peak memory of a tiled run, decoding included. Untiled, even this 8-channel model would
+    hold 2000x1500x8 float32 activations of 96 MB each (a ResUNet18: 64 channels at half size,
+    192 MB each). Tiled, the windows cost a few MB; what remains scales with the output itself:
+    the normalised image, probability and weight accumulators and the labels (~110 MB;
+    measured 130 MB)."""
+    result = subprocess.run(
+        [sys.executable, "-c", BIG_IMAGE_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["size"] == [2000, 1500]
+    assert report["peak_increase_mb"] < 200, report
+
+
+# --- ONNX stand-in ----------------------------------------------------------------------------
+
+
+def test_onnx_file_stands_in_for_the_checkpoint(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model, info = load_model(checkpoint)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        model,
+        (torch.randn(1, 3, 64, 64),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n", 2: "h", 3: "w"}},
+        dynamo=False,
+    )
+    graph = onnx.load(str(path))
+    graph.metadata_props.add(key="segcli", value=info.to_json())
+    onnx.save(graph, str(path))
+
+    eager = run(checkpoint, [str(images)], options(tmp_path / "eager", format="prob"))
+    exported = run(path, [str(images)], options(tmp_path / "onnx", format="prob"))
+    assert exported.lines.getvalue() == eager.lines.getvalue().replace("eager", "onnx")
+    for name in ("a.npy", "b.npy"):
+        np.testing.assert_allclose(
+            np.load(tmp_path / "onnx" / name), np.load(tmp_path / "eager" / name), atol=2e-3
+        )
+
+
+def test_onnx_without_onnxruntime_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segcli.engine.onnx_model import load_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(UsageError, match=r"pip install 'segcli\[onnx\]'"):
+        load_onnx(tmp_path / "model.onnx")
