@@ -9,7 +9,7 @@ import typer
 from typer.exceptions import TyperException
 
 from segcli import __version__
-from segcli.cli import params
+from segcli.cli import check, params
 from segcli.errors import SegError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("params")(params.params)
+app.command("check")(check.check)
 
 
 def _version(value: bool) -> None:
