@@ -9,7 +9,7 @@ import typer
 from typer.exceptions import TyperException
 
 from segcli import __version__
-from segcli.cli import check, params
+from segcli.cli import check, params, predict
 from segcli.errors import SegError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("params")(params.params)
+app.command("predict")(predict.predict)
 app.command("check")(check.check)
 
 
