@@ -233,6 +233,14 @@ def test_rgb_masks_with_class_table(tmp_path: Path) -> None:
         info.mapping.encode(rgb, "m.png")
 
 
+def test_gray_masks_saved_as_rgb(tmp_path: Path) -> None:
+    mask = _index_mask()
+    root = make_dataset(tmp_path, {"train": [mask], "val": [mask]}, mask_mode="RGB")
+    info = scan_dataset(root)
+    assert info.mapping.kind == "index" and info.mapping.num_classes == 3
+    assert np.array_equal(info.mapping.encode(read_mask(root / "val/masks/00.png")), mask)
+
+
 def test_sixteen_bit_index_masks(tmp_path: Path) -> None:
     mask = _index_mask().astype(np.uint16)
     root = make_dataset(tmp_path, {"train": [mask], "val": [mask]})

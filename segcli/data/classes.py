@@ -136,10 +136,12 @@ class ClassMapping:
         if self.kind == "rgb":
             return self._encode_rgb(mask, source)
         if mask.ndim == 3:
-            raise UsageError(
-                f"{source}: is a colour mask but the dataset's masks are {self.kind} masks; "
-                "save it as a single-channel mask"
-            )
+            if not (mask == mask[:, :, :1]).all():
+                raise UsageError(
+                    f"{source}: is a colour mask but the dataset's masks are {self.kind} masks; "
+                    "save it as a single-channel mask"
+                )
+            mask = mask[:, :, 0]  # a gray mask saved as RGB
         if mask.dtype.kind == "b":
             mask = mask.astype(np.uint8) * 255
         if mask.dtype.kind not in "ui":

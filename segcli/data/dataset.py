@@ -126,14 +126,9 @@ def find_splits(root: Path) -> list[str]:
 
 
 def _table_mapping(table: ClassTable, modes: set[str], first_mask: Path) -> ClassMapping:
-    """The mapping a class table implies for masks of the given Pillow modes."""
-    colour = bool(modes & _COLOR_MODES)
-    if colour:
-        if table.colors is None:
-            raise UsageError(
-                f"{first_mask}: is an RGB colour mask but {table.path.name} gives no colours; "
-                "add a 'color' to every class in the class table"
-            )
+    """The mapping a class table implies for masks of the given Pillow modes: colours for colour
+    masks when the table has them, raw values otherwise (gray masks saved as RGB included)."""
+    if modes & _COLOR_MODES and table.colors is not None:
         return ClassMapping("rgb", table.names, table.colors, ignore_colors=table.ignore_colors)
     palette = table.colors
     kind = "index"
@@ -153,11 +148,13 @@ def _unique_values(pairs: list[Pair], root: Path, problems: list[str]) -> dict[i
             problems.append(str(error))
             continue
         if mask.ndim == 3:
-            problems.append(
-                f"{mask_path}: colour mask among single-channel masks; "
-                "use one mask format for the whole dataset"
-            )
-            continue
+            if not (mask == mask[:, :, :1]).all():
+                problems.append(
+                    f"{mask_path}: is an RGB colour mask; give a class table with a colour per "
+                    "class (classes.json in the dataset root or --classes-file)"
+                )
+                continue
+            mask = mask[:, :, 0]  # a gray mask saved as RGB
         for value in np.unique(mask).tolist():
             seen.setdefault(int(value), mask_path)
     return seen
@@ -191,21 +188,10 @@ def _infer_mapping(
     problems: list[str],
 ) -> ClassMapping | None:
     first_mask = pairs[0][1]
-    if modes & _COLOR_MODES and modes - _COLOR_MODES:
-        problems.append(
-            f"{root}: masks mix colour and single-channel formats; use one format for all masks"
-        )
-        return None
     if table is not None and (modes & _COLOR_MODES or foreground_value is None):
         table_values = set(table.values) if table.values is not None else None
         if table_values != {0, 255}:
             return _table_mapping(table, modes, first_mask)
-    if modes & _COLOR_MODES:
-        problems.append(
-            f"{first_mask}: is an RGB colour mask; give a class table with a "
-            "colour per class (classes.json in the dataset root or --classes-file)"
-        )
-        return None
     seen = _unique_values(pairs, root, problems)
     values = set(seen)
     if problems:
