@@ -1,0 +1,283 @@
+"""The training engine and `seg train` / `seg eval`, on the bundled mock data at 32x32."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from segcli.engine.checkpoint import load_model, read_checkpoint
+from segcli.engine.config import TrainConfig
+from segcli.engine.trainer import Trainer
+from segcli.errors import RuntimeFailure, UsageError
+
+FAST = ["--size", "32", "--batch-size", "8", "--workers", "0", "--previews", "2"]
+RUN_FILES = {
+    "best.safetensors",
+    "last.safetensors",
+    "last.state.safetensors",
+    "metrics.jsonl",
+    "config.toml",
+    "curves.png",
+    "preview_0.png",
+    "preview_1.png",
+}
+
+
+def fast_config(tmp_path: Path, **overrides) -> TrainConfig:
+    settings = {
+        "arch": "unet",
+        "backbone": "resnet18",
+        "size": "32",
+        "epochs": 1,
+        "batch_size": 8,
+        "workers": 0,
+        "previews": 1,
+        "out": str(tmp_path / "run"),
+        **overrides,
+    }
+    return TrainConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("arch", "backbone", "extra"),
+    [
+        ("unet", "resnet18", []),
+        ("unet3p", "resnet18", ["--deep-supervision", "--cgm"]),
+        ("unetpp", "vgg11", ["--deep-supervision", "--loss", "dice+ce"]),
+    ],
+)
+def test_one_epoch_writes_every_file_and_eval_agrees(seg, tmp_path, arch, backbone, extra):
+    out = tmp_path / "run"
+    result = seg(
+        "train",
+        arch,
+        "--backbone",
+        backbone,
+        "--epochs",
+        "1",
+        *FAST,
+        *extra,
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert {p.name for p in out.iterdir()} >= RUN_FILES
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_loss", "val_loss", "lr", "val", "seconds", "images_per_second"} <= set(record)
+    assert summary["val"]["miou"] == pytest.approx(record["val"]["miou"])
+
+    evaluated = seg("eval", str(out / "best.safetensors"), "--workers", "0", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    scores = json.loads(evaluated.stdout)
+    assert scores["miou"] == pytest.approx(record["val"]["miou"], abs=1e-9)
+    assert scores["iou"] == pytest.approx(record["val"]["iou"], abs=1e-9)
+
+
+def test_checkpoint_alone_rebuilds_the_model(tmp_path):
+    Trainer(fast_config(tmp_path, arch="unet3p", model_options={"deep_supervision": True})).run()
+    path = tmp_path / "run" / "best.safetensors"
+    model, info = load_model(path)
+    assert info.model["arch"] == "unet3p" and info.model["options"]["deep_supervision"]
+    assert info.class_names == ["background", "circle", "rectangle"]
+    assert info.input_size == (32, 32) and len(info.mean) == 3
+    assert info.config["loss"] == "ce" and info.epoch == 1 and "miou" in info.metrics["val"]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 50)).shape == (1, 3, 40, 50)
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    # A step schedule does not depend on the total epoch count, so 2 + 2 epochs must retrace
+    # 4 straight ones exactly: weights, optimizer moments, LR and data order.
+    schedule = {"deterministic": True, "scheduler": "step", "step_size": 1, "gamma": 0.5}
+    Trainer(fast_config(tmp_path / "a", epochs=4, **schedule)).run()
+    Trainer(fast_config(tmp_path / "b", epochs=2, **schedule)).run()
+    last = str(tmp_path / "b/run/last.safetensors")
+    Trainer(fast_config(tmp_path / "b", epochs=4, resume=last, **schedule)).run()
+    a = load_file(str(tmp_path / "a/run/last.safetensors"))
+    b = load_file(str(tmp_path / "b/run/last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    lines = (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    Trainer(fast_config(tmp_path, epochs=1)).run()
+    last = tmp_path / "run" / "last.safetensors"
+    before = last.read_bytes()
+
+    import segcli.engine.trainer as trainer_module
+
+    real = trainer_module.compute_loss
+
+    def exploding(*args, **kwargs):
+        return real(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(trainer_module, "compute_loss", exploding)
+    with pytest.raises(RuntimeFailure, match=r"non-finite loss .* epoch 2 step 1"):
+        Trainer(fast_config(tmp_path, epochs=3, resume=str(last))).run()
+    assert last.read_bytes() == before
+    read_checkpoint(last)
+
+
+def test_sigint_leaves_a_resumable_state(tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "segcli",
+        "train",
+        "unet",
+        "--backbone",
+        "resnet18",
+        "--epochs",
+        "50",
+        *FAST,
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (out / "metrics.jsonl").exists(), "no epoch finished in time"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"--resume {out / 'last.safetensors'}" in stderr
+    state = out / "last.state.safetensors"
+    assert state.is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segcli",
+            "train",
+            "--resume",
+            str(out / "last.safetensors"),
+            "--epochs",
+            str(_epochs_done(out) + 1),
+            "--workers",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epochs_run"] == _epochs_done(out)
+
+
+def _epochs_done(out: Path) -> int:
+    return len((out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_config_file_and_flags_merge_with_flags_winning(seg, tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text('epochs = 7\nlr = 0.01\nloss = "dice+ce"\n[model_options]\nup = "bilinear"\n')
+    result = seg("train", "unet", "--config", str(config), "--lr", "0.5", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "epochs = 7" in result.stdout and "lr = 0.5" in result.stdout
+    assert 'loss = "dice+ce"' in result.stdout and 'up = "bilinear"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "nope"], "unknown architecture"),
+        (["train", "unet", "--optimizer", "lion"], "lion"),
+        (["train", "unet", "--loss", "hinge"], "hinge"),
+        (["train", "unet", "--data", "/no/such/dir"], "/no/such/dir"),
+        (["train", "unet", "--epochs", "0"], "--epochs"),
+        (["train", "unet", "--config", "/no/such.toml"], "such.toml"),
+        (["eval", "/no/such.safetensors"], "no such checkpoint"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(seg, args, fragment):
+    result = seg(*args, *FAST[:2])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_a_file_that_is_not_a_checkpoint_exits_2(seg, tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a checkpoint at all")
+    result = seg("eval", str(bogus))
+    assert result.returncode == 2
+    assert "not a safetensors checkpoint" in result.stderr
+
+
+def test_ddp_with_two_processes_matches_its_own_single_process_eval(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "segcli",
+            "train",
+            "unet",
+            "--backbone",
+            "resnet18",
+            "--epochs",
+            "1",
+            *FAST,
+            "--sync-bn",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segcli",
+            "eval",
+            str(out / "best.safetensors"),
+            "--workers",
+            "0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    scores = json.loads(evaluated.stdout)
+    # Validation was sharded over two ranks and its confusion matrix all-reduced: it must
+    # equal one process scoring the whole split.
+    assert scores["miou"] == pytest.approx(summary["val"]["miou"], abs=1e-9)
+    assert scores["iou"] == pytest.approx(summary["val"]["iou"], abs=1e-9)
+
+
+def test_resuming_a_finished_run_asks_for_more_epochs(tmp_path):
+    Trainer(fast_config(tmp_path, epochs=1)).run()
+    with pytest.raises(UsageError, match="raise --epochs"):
+        Trainer(
+            fast_config(tmp_path, epochs=1, resume=str(tmp_path / "run/last.safetensors"))
+        ).run()
