@@ -9,7 +9,7 @@ import typer
 from typer.exceptions import TyperException
 
 from segcli import __version__
-from segcli.cli import check, params, predict
+from segcli.cli import bench, check, export, params, predict
 from segcli.errors import SegError
 
 app = typer.Typer(
@@ -23,6 +23,8 @@ app = typer.Typer(
 app.command("params")(params.params)
 app.command("predict")(predict.predict)
 app.command("check")(check.check)
+app.command("export")(export.export)
+app.command("bench")(bench.bench)
 
 
 def _version(value: bool) -> None:

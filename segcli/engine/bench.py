@@ -1,0 +1,427 @@
+"""Measured speed: a timing loop with warm-up and device synchronisation, latency percentiles,
+peak memory, FLOP accounting against the device's matmul peak (measured here, not looked up),
+and a matrix of variants (memory format, autocast dtype, torch.compile, ONNX Runtime) compared
+with eager fp32 on the same input."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcli.engine.device import Precision, resolve_precision
+from segcli.errors import UsageError, choose
+
+MODES = ("infer", "train")
+DTYPES = ("fp32", "bf16", "fp16")
+AMP_NAME = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
+DTYPE_NAME = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Training a forward + backward costs about 3 forwards (two matmuls per forward one).
+TRAIN_FLOP_FACTOR = 3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the model."""
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    onnx: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.onnx:
+            return "onnxruntime fp32"
+        parts = ["compile"] if self.compile else ["eager"]
+        parts.append(self.dtype)
+        parts.append("channels_last" if self.channels_last else "NCHW")
+        return " ".join(parts)
+
+
+@dataclass
+class BenchSpec:
+    arch: str
+    backbone: str | None = None
+    size: tuple[int, int] = (512, 512)
+    batch_size: int = 1
+    mode: str = "infer"
+    device: str = "auto"
+    classes: int = 21
+    in_channels: int = 3
+    iters: int = 10
+    warmup: int = 2
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    dtype: str
+    channels_last: bool
+    compile: bool
+    onnx: bool
+    images_per_s: float
+    latency_ms: dict[str, float]
+    setup_s: float  # first call (compilation, ONNX export) beyond a steady-state one
+    peak_memory_mb: float
+    memory_kind: str
+    gflops_per_image: float
+    achieved_gflops: float
+    matmul_peak_gflops: float
+    peak_fraction: float
+    max_abs_diff: float | None = None  # against eager fp32 on the same input (infer only)
+    argmax_agreement: float | None = None
+    speedup: float | None = None  # images/s over eager fp32 in the same run
+    default: bool = False  # what seg predict/eval use on this device
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Wait for queued device work, so a timer measures the work and not its launch."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def time_steps(
+    step: Callable[[], object], iters: int, warmup: int, sync: Callable[[], None]
+) -> tuple[list[float], float]:
+    """Run `warmup` untimed steps, then `iters` timed ones. Returns per-step seconds and the
+    first warm-up step's seconds (where compilation and allocator growth happen)."""
+    first = 0.0
+    for index in range(warmup):
+        started = time.perf_counter()
+        step()
+        sync()
+        if index == 0:
+            first = time.perf_counter() - started
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times, first
+
+
+class PeakMemory:
+    """CUDA: max allocated by the caching allocator. CPU: the process's peak resident set,
+    reset at `start` through /proc/self/clear_refs where Linux allows it (else the peak since
+    the process started, which can only over-report)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda max allocated" if device.type == "cuda" else "process peak RSS"
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "process peak RSS since start"
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@functools.cache
+def matmul_peak_gflops(device_name: str, dtype_name: str) -> float:
+    """Best GFLOP/s of a square matmul on this device and dtype: the practical ceiling the
+    model's achieved GFLOP/s is compared with."""
+    device = torch.device(device_name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = synchronizer(device)
+    times, _ = time_steps(lambda: torch.mm(a, b), iters=8, warmup=2, sync=sync)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def _precision(variant: Variant, device: torch.device) -> Precision:
+    return resolve_precision(AMP_NAME[variant.dtype], device, variant.channels_last)
+
+
+def _segcli_default(device: torch.device) -> Variant:
+    """The precision seg predict and seg eval pick by default (`--amp auto`)."""
+    precision = resolve_precision("auto", device)
+    return Variant(DTYPE_NAME[precision.dtype], precision.channels_last)
+
+
+def compare_matrix(mode: str, device: torch.device) -> list[Variant]:
+    """Eager fp32 first (the reference), then channels_last, autocast, compile and ONNX."""
+    fast = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    variants = [
+        Variant(),
+        Variant(channels_last=True),
+        Variant(fast, channels_last=True),
+        Variant(fast, channels_last=True, compile=True),
+    ]
+    if mode == "infer" and device.type == "cpu":
+        from segcli.engine.export import onnx_available, onnxruntime_available
+
+        if onnx_available() and onnxruntime_available():
+            variants.append(Variant(onnx=True))
+    default = _segcli_default(device)
+    if default not in variants:
+        variants.insert(1, default)
+    return variants
+
+
+def _check_variant(variant: Variant, mode: str, device: torch.device) -> None:
+    choose("--dtype", variant.dtype, DTYPES)
+    if variant.onnx:
+        from segcli.engine.export import onnx_available, onnxruntime_available
+
+        if mode != "infer" or device.type != "cpu":
+            raise UsageError("--onnx benchmarks inference on CPU (--mode infer --device cpu)")
+        if variant.dtype != "fp32" or variant.compile or variant.channels_last:
+            raise UsageError(
+                "--onnx runs the fp32 ONNX graph; drop --dtype/--compile/--channels-last"
+            )
+        if not (onnx_available() and onnxruntime_available()):
+            raise UsageError("--onnx needs onnx and onnxruntime: pip install 'segcli[onnx]'")
+
+
+def _onnx_runner(
+    model: nn.Module, images: torch.Tensor, spec: BenchSpec, folder: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Export at the benchmark's exact shape (static shapes let ONNX Runtime plan memory and
+    fuse more) and run the file with onnxruntime."""
+    from segcli.engine.checkpoint import CheckpointInfo, model_build_config
+    from segcli.engine.export import load_runner, traceable, write_onnx
+
+    info = CheckpointInfo(
+        model=model_build_config(model),
+        classes={"names": [str(i) for i in range(spec.classes)]},
+        input_size=spec.size,
+        mean=IMAGENET_MEAN[: spec.in_channels]
+        if spec.in_channels == 3
+        else (0.5,) * spec.in_channels,
+        std=IMAGENET_STD[: spec.in_channels]
+        if spec.in_channels == 3
+        else (0.5,) * spec.in_channels,
+    )
+    path = os.path.join(folder, "model.onnx")
+    with torch.no_grad(), traceable(model.cpu().float().eval()) as friendly:
+        write_onnx(friendly, info, images.cpu(), path, dynamic=False)
+    run = load_runner(path, "onnx")
+    return lambda x: torch.from_numpy(run(x.numpy()))
+
+
+def _prepare(
+    base: nn.Module, variant: Variant, spec: BenchSpec, device: torch.device
+) -> tuple[nn.Module, Precision]:
+    model = copy.deepcopy(base).to(device)
+    precision = _precision(variant, device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train(spec.mode == "train")
+    if variant.compile:
+        model = torch.compile(model)
+    return model, precision
+
+
+def run_variant(
+    base: nn.Module,
+    variant: Variant,
+    spec: BenchSpec,
+    device: torch.device,
+    images: torch.Tensor,
+    gflops_per_image: float,
+    folder: str,
+) -> tuple[BenchResult, torch.Tensor | None]:
+    """Time one variant; returns its result and (infer) its fp32 logits on `images`."""
+    _check_variant(variant, spec.mode, device)
+    sync = synchronizer(device)
+    memory = PeakMemory(device)
+    memory.start()
+    output: torch.Tensor | None = None
+    setup = 0.0
+    if variant.onnx:
+        started = time.perf_counter()
+        runner = _onnx_runner(base, images, spec, folder)
+        setup = time.perf_counter() - started
+        step: Callable[[], object] = lambda: runner(images)  # noqa: E731
+        peak_dtype = "fp32"
+    else:
+        model, precision = _prepare(base, variant, spec, device)
+        x = images.to(device)
+        if precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        peak_dtype = variant.dtype
+        if spec.mode == "infer":
+
+            def step() -> torch.Tensor:
+                with torch.inference_mode(), precision.autocast(device):
+                    return model(x)
+
+        else:
+            step = _train_step(model, precision, device, x, spec)
+    times, first = time_steps(step, spec.iters, max(spec.warmup, 1), sync)
+    if spec.mode == "infer":
+        output = step().float().cpu()  # type: ignore[union-attr]
+    setup += max(first - percentile(times, 50), 0.0)
+    images_per_s = spec.batch_size * len(times) / sum(times)
+    flops_factor = TRAIN_FLOP_FACTOR if spec.mode == "train" else 1
+    achieved = gflops_per_image * flops_factor * images_per_s
+    peak = matmul_peak_gflops(str(device), peak_dtype)
+    result = BenchResult(
+        variant=variant.name,
+        dtype=variant.dtype,
+        channels_last=variant.channels_last,
+        compile=variant.compile,
+        onnx=variant.onnx,
+        images_per_s=images_per_s,
+        latency_ms={f"p{q}": percentile(times, q) * 1e3 for q in (50, 90, 99)},
+        setup_s=setup,
+        peak_memory_mb=memory.peak_mb(),
+        memory_kind=memory.kind,
+        gflops_per_image=gflops_per_image,
+        achieved_gflops=achieved,
+        matmul_peak_gflops=peak,
+        peak_fraction=achieved / peak,
+        default=not variant.onnx and variant == _segcli_default(device) and not variant.compile,
+    )
+    return result, output
+
+
+def _train_step(
+    model: nn.Module, precision: Precision, device: torch.device, x: torch.Tensor, spec: BenchSpec
+) -> Callable[[], object]:
+    """A bare training step: forward, cross-entropy (BCE for one class), backward, SGD step.
+    Auxiliary outputs are left out: this is the floor `seg train` is measured against."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    if spec.classes == 1:
+        target = torch.randint(0, 2, (spec.batch_size, 1, *spec.size), generator=generator)
+        target = target.float().to(device)
+    else:
+        target = torch.randint(0, spec.classes, (spec.batch_size, *spec.size), generator=generator)
+        target = target.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast(device):
+            out = model(x)
+            logits = (out["out"] if isinstance(out, dict) else out).float()
+            if spec.classes == 1:
+                loss = F.binary_cross_entropy_with_logits(logits, target)
+            else:
+                loss = F.cross_entropy(logits, target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def build_bench_model(spec: BenchSpec) -> tuple[nn.Module, float]:
+    """The model with seeded random weights and non-trivial BatchNorm statistics (so eval mode
+    exercises them), and its forward GFLOPs per image, counted on the meta device."""
+    from segcli.models import build_model
+    from segcli.models.summary import build_on_meta, forward_gflops
+
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.arch, spec.backbone, spec.in_channels, spec.classes)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    meta = build_on_meta(spec.arch, spec.backbone, spec.in_channels, spec.classes)
+    return model.eval(), forward_gflops(meta, spec.in_channels, spec.size)
+
+
+def run_bench(
+    spec: BenchSpec,
+    variants: list[Variant],
+    log: Callable[[str], None] = lambda _: None,
+    model: tuple[nn.Module, float] | None = None,
+) -> dict[str, object]:
+    """Time every variant on one seeded input batch; the first variant is the reference that
+    speed-ups and differences are measured against. Results come back fastest first."""
+    from segcli.engine.device import resolve_device
+
+    if spec.iters < 1 or spec.warmup < 0 or spec.batch_size < 1:
+        raise UsageError("--iters and --batch-size must be at least 1, --warmup at least 0")
+    choose("--mode", spec.mode, MODES)
+    device = resolve_device(spec.device)
+    for variant in variants:
+        _check_variant(variant, spec.mode, device)
+        _precision(variant, device)  # rejects fp16 on CPU before any work
+    base, gflops = model or build_bench_model(spec)
+    generator = torch.Generator().manual_seed(spec.seed)
+    images = torch.randn(spec.batch_size, spec.in_channels, *spec.size, generator=generator)
+    results: list[BenchResult] = []
+    reference: torch.Tensor | None = None
+    with tempfile.TemporaryDirectory(prefix="seg-bench-") as folder:
+        for variant in variants:
+            log(f"bench: {variant.name} ...")
+            result, output = run_variant(base, variant, spec, device, images, gflops, folder)
+            if output is not None:
+                if reference is None:
+                    reference = output
+                result.max_abs_diff = float((output - reference).abs().max())
+                if reference.shape[1] > 1:
+                    agree = output.argmax(1) == reference.argmax(1)
+                else:
+                    agree = (output > 0) == (reference > 0)
+                result.argmax_agreement = float(agree.float().mean())
+            result.speedup = result.images_per_s / (results[0] if results else result).images_per_s
+            log(
+                f"bench: {variant.name}: {result.images_per_s:.2f} images/s, "
+                f"p50 {result.latency_ms['p50']:.1f} ms"
+            )
+            results.append(result)
+    return {
+        "arch": spec.arch,
+        "backbone": base.build_config["backbone"],
+        "size": list(spec.size),
+        "batch_size": spec.batch_size,
+        "mode": spec.mode,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "classes": spec.classes,
+        "iters": spec.iters,
+        "warmup": spec.warmup,
+        "torch": torch.__version__,
+        "results": [
+            r.to_dict() for r in sorted(results, key=lambda r: r.images_per_s, reverse=True)
+        ],
+    }

@@ -1,0 +1,367 @@
+"""Export a checkpoint's model to ONNX, TorchScript or a torch.export ExportedProgram, and check
+the exported file against PyTorch on random input.
+
+Export runs on CPU, in eval mode, in fp32. The file is written to a temporary name, checked,
+and only then renamed into place, so a model that exports wrongly never leaves a file behind.
+
+ONNX contract (relied on by `segcli.engine.onnx_model`): one input `images` (N x C x H x W
+float32, already normalised), one output `logits` (N x classes x H x W); with dynamic shapes
+N, H and W are free. `metadata_props["segcli"]` holds `CheckpointInfo.to_json()`; the other
+metadata keys are conveniences for tools that do not parse it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcli.engine.checkpoint import METADATA_KEY, CheckpointInfo, atomic_write
+from segcli.errors import RuntimeFailure, UsageError, choose
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}
+DEFAULT_OPSET = 17
+# fp32 export and runtime reorder sums differently; 1e-3 on logits is far above that noise and
+# far below any real divergence (a wrong op typically differs by O(1)).
+TOLERANCE = 1e-3
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    dynamic: bool
+    size: tuple[int, int]
+    export_seconds: float
+    bytes: int
+    max_abs_diff: float | None  # None when the check was skipped
+    checked_shapes: list[tuple[int, ...]]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "dynamic": self.dynamic,
+            "size": list(self.size),
+            "export_seconds": round(self.export_seconds, 3),
+            "bytes": self.bytes,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": TOLERANCE,
+            "checked_shapes": [list(s) for s in self.checked_shapes],
+        }
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def onnx_available() -> bool:
+    return importlib.util.find_spec("onnx") is not None
+
+
+def default_output(checkpoint: Path, fmt: str) -> Path:
+    """`model.safetensors` -> `model.onnx` (or `.torchscript.pt`, `.pt2`) beside it."""
+    return checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
+
+
+def _example(in_channels: int, size: tuple[int, int], dynamic: bool) -> torch.Tensor:
+    # Batch 2 when dynamic: torch.export specialises a dimension traced at size 1 to a constant.
+    return torch.randn(2 if dynamic else 1, in_channels, *size)
+
+
+def _divisor(model: nn.Module) -> int:
+    return int(getattr(model, "size_divisor", 1))
+
+
+def _round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def _check_shapes(
+    in_channels: int, size: tuple[int, int], dynamic: bool, step: int
+) -> list[tuple[int, ...]]:
+    """The export shape, plus, for a dynamic model, another batch and an off-stride size
+    (rounded up to `step`, which is 1 except for exported programs), so the check proves the
+    shapes really are free."""
+    height, width = size
+    shapes = [(1, in_channels, height, width)]
+    if dynamic:
+        other = (_round_up(height * 3 // 4 + 1, step), _round_up(width * 5 // 4 + 3, step))
+        shapes.append((2, in_channels, *other))
+    return shapes
+
+
+def _pool_matrix(length: torch.Tensor | int, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """bins x length averaging weights of adaptive average pooling along one axis: bin i
+    covers [floor(i*L/b), ceil((i+1)*L/b)), exactly as torch's adaptive_avg_pool2d."""
+    index = torch.arange(bins, device=like.device)
+    start = torch.div(index * length, bins, rounding_mode="floor")
+    end = torch.div((index + 1) * length + bins - 1, bins, rounding_mode="floor")
+    position = torch.arange(length, device=like.device)
+    inside = (position[None, :] >= start[:, None]) & (position[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+class MatmulAdaptiveAvgPool2d(nn.Module):
+    """adaptive_avg_pool2d as two matrix products. The TorchScript ONNX exporter only handles
+    bins that divide a statically known input size; this form exports with free H and W (the
+    check compares it with the original module)."""
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.bins = (output_size, output_size) if isinstance(output_size, int) else output_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _pool_matrix(x.shape[-2], self.bins[0], x)
+        cols = _pool_matrix(x.shape[-1], self.bins[1], x)
+        return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def _scatter_unpool2d(
+    input: torch.Tensor,
+    indices: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] | None = None,
+    padding: int | tuple[int, int] = 0,
+    output_size: object = None,
+) -> torch.Tensor:
+    """2x2 max-unpooling as a scatter into a 2H x 2W plane (the indices are flat positions in
+    that plane). torch's max_unpool2d cannot be traced with traced sizes (it checks them with
+    Python bools); segcli models unpool 2x2 only, on sizes padded to a multiple of 2."""
+    n, c, h, w = input.shape
+    plane = input.new_zeros(n, c, h * w * 4)
+    return plane.scatter(2, indices.flatten(2), input.flatten(2)).view(n, c, h * 2, w * 2)
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[nn.Module]:
+    """A copy of `model` with the two ops tracing cannot export swapped for equivalent forms:
+    adaptive average pooling to more than one bin, and 2x2 max-unpooling (patched in
+    torch.nn.functional for the duration, as models call it functionally)."""
+    # deepcopy of torchvision's fx feature extractors comes back in training mode: restore it.
+    model = copy.deepcopy(model).train(model.training)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size not in (1, (1, 1)):
+                setattr(parent, name, MatmulAdaptiveAvgPool2d(child.output_size))
+    original = F.max_unpool2d
+    F.max_unpool2d = _scatter_unpool2d
+    try:
+        yield model
+    finally:
+        F.max_unpool2d = original
+
+
+def write_onnx(
+    model: nn.Module,
+    info: CheckpointInfo,
+    example: torch.Tensor,
+    path: str,
+    *,
+    dynamic: bool,
+    opset: int = DEFAULT_OPSET,
+) -> None:
+    """Export to ONNX at `path` and add the checkpoint's metadata."""
+    import onnx
+
+    axes = {0: "batch", 2: "height", 3: "width"}
+    # The TorchScript-based exporter: the dynamo one needs onnxscript, an extra dependency, and
+    # the TorchScript one exports every segcli architecture (README table).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes} if dynamic else None,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(path)
+    metadata = {
+        METADATA_KEY: info.to_json(),
+        "classes": json.dumps(info.class_names),
+        "mean": json.dumps(list(info.mean)),
+        "std": json.dumps(list(info.std)),
+        "input_size": json.dumps(list(info.input_size)),
+        "arch": str(info.model["arch"]),
+        "backbone": str(info.model["backbone"]),
+        "dynamic": json.dumps(dynamic),
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "segcli"
+    onnx.save(proto, path)
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic in padding
+        traced = torch.jit.trace(model, example, check_trace=False)
+    torch.jit.save(traced, path)
+
+
+def _export_program(model: nn.Module, example: torch.Tensor, path: str, *, dynamic: bool) -> None:
+    shapes = None
+    if dynamic:
+        # Free H and W in steps of the model's padding divisor: with arbitrary sizes torch.export
+        # guards on the padding arithmetic and rejects other remainders at run time.
+        divisor = _divisor(model)
+        height = torch.export.Dim("height_blocks", min=1) * divisor
+        width = torch.export.Dim("width_blocks", min=1) * divisor
+        shapes = ({0: torch.export.Dim("batch", min=1), 2: height, 3: width},)
+    program = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    torch.export.save(program, path)
+
+
+def load_runner(path: str, fmt: str) -> Runner:
+    """A numpy-in, numpy-out runner of an exported file (CPU)."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(images)).numpy()
+
+    return run
+
+
+def check_export(
+    model: nn.Module, path: str, fmt: str, shapes: list[tuple[int, ...]], seed: int = 0
+) -> float:
+    """Max absolute difference between the exported file and PyTorch over random inputs."""
+    runner = load_runner(path, fmt)
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for shape in shapes:
+        images = torch.randn(*shape, generator=generator)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        try:
+            actual = runner(images.numpy())
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise RuntimeFailure(
+                f"exported {fmt} model fails on input {list(shape)}: {type(error).__name__}: "
+                f"{first[:200]}"
+            ) from None
+        if actual.shape != expected.shape:
+            raise RuntimeFailure(
+                f"exported {fmt} model gives shape {list(actual.shape)} for input "
+                f"{list(shape)}, PyTorch {list(expected.shape)}"
+            )
+        worst = max(worst, float(np.abs(actual - expected).max()))
+    return worst
+
+
+def export_model(
+    model: nn.Module,
+    info: CheckpointInfo,
+    out: Path,
+    *,
+    fmt: str,
+    size: tuple[int, int] | None = None,
+    dynamic: bool | None = None,
+    opset: int = DEFAULT_OPSET,
+    check: bool | None = None,
+) -> ExportResult:
+    """Export `model` (moved to CPU, eval, fp32) to `out`. `dynamic=None` means dynamic N, H, W
+    except for TorchScript, whose tracer bakes the padding arithmetic in as constants.
+    `check=None` checks whenever the runtime is there (onnxruntime for ONNX; always for the
+    torch formats)."""
+    choose("--format", fmt, FORMATS)
+    if dynamic is None:
+        dynamic = fmt != "torchscript"
+    if dynamic and fmt == "torchscript":
+        raise UsageError(
+            "--format torchscript is traced at one input shape (--static); for free batch, "
+            "height and width use --format onnx or exported-program"
+        )
+    if fmt == "onnx" and not onnx_available():
+        raise UsageError("--format onnx needs the onnx package: pip install 'segcli[onnx]'")
+    if check is None:
+        check = fmt != "onnx" or onnxruntime_available()
+    if check and fmt == "onnx" and not onnxruntime_available():
+        raise UsageError(
+            "--check on ONNX needs onnxruntime: pip install 'segcli[onnx]', or pass --no-check"
+        )
+    if not 7 <= opset <= 20:
+        raise UsageError(f"--opset must be between 7 and 20 for this exporter, not {opset}")
+    size = tuple(size or info.input_size)  # type: ignore[assignment]
+    model = model.cpu().float().eval()
+    in_channels = int(info.model["in_channels"])
+    example = _example(in_channels, size, dynamic)
+    if fmt == "exported-program" and dynamic:
+        divisor = _divisor(model)
+        if size[0] % divisor or size[1] % divisor:
+            raise UsageError(
+                f"--size {size[0]}x{size[1]}: a dynamic exported program takes sizes in steps "
+                f"of {divisor} for this model; pass multiples of {divisor} or --static"
+            )
+    step = _divisor(model) if fmt == "exported-program" else 1
+    shapes = _check_shapes(in_channels, size, dynamic, step)
+    outcome: dict[str, float | None] = {"max_abs_diff": None}
+
+    def write(temporary: str) -> None:
+        started = time.perf_counter()
+        try:
+            if fmt == "onnx":
+                with traceable(model) as friendly:
+                    write_onnx(friendly, info, example, temporary, dynamic=dynamic, opset=opset)
+            elif fmt == "torchscript":
+                with traceable(model) as friendly:
+                    _export_torchscript(friendly, example, temporary)
+            else:
+                _export_program(model, example, temporary, dynamic=dynamic)
+        except Exception as error:
+            text = str(error).strip()
+            first = text.splitlines()[0][:200] if text else ""
+            raise RuntimeFailure(
+                f"{info.model['arch']}/{info.model['backbone']} does not export to {fmt}: "
+                f"{type(error).__name__}: {first}"
+            ) from None
+        outcome["export_seconds"] = time.perf_counter() - started
+        if check:
+            difference = check_export(model, temporary, fmt, shapes)
+            outcome["max_abs_diff"] = difference
+            if not difference < TOLERANCE:
+                raise RuntimeFailure(
+                    f"{fmt} export differs from PyTorch by {difference:.3g} (max abs, must be "
+                    f"below {TOLERANCE:g}); no file written"
+                )
+
+    with torch.no_grad():
+        atomic_write(out, write)
+    return ExportResult(
+        path=out,
+        format=fmt,
+        dynamic=dynamic,
+        size=size,
+        export_seconds=float(outcome["export_seconds"] or 0.0),
+        bytes=out.stat().st_size,
+        max_abs_diff=outcome["max_abs_diff"],
+        checked_shapes=shapes if check else [],
+    )

@@ -1,0 +1,88 @@
+"""seg bench: valid JSON from a tiny run, the variant matrix, and one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from segcli.engine import bench as bench_engine
+from segcli.errors import UsageError
+
+TINY = bench_engine.BenchSpec(
+    arch="unet", backbone="resnet18", size=(32, 32), device="cpu", iters=2, warmup=1, classes=3
+)
+
+
+def test_percentiles() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert bench_engine.percentile(values, 50) == pytest.approx(50.5)
+    assert bench_engine.percentile(values, 99) == pytest.approx(99.01)
+
+
+def test_cli_json(seg) -> None:
+    done = seg(
+        "bench", "unet", "--backbone", "resnet18", "--size", "64", "--iters", "2",
+        "--warmup", "1", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    (result,) = report["results"]
+    assert report["size"] == [64, 64] and result["variant"] == "eager fp32 NCHW"
+    assert result["images_per_s"] > 0 and result["gflops_per_image"] > 0
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    assert result["peak_memory_mb"] > 0 and result["peak_fraction"] > 0
+
+
+def test_variant_matrix_compares_with_eager_fp32() -> None:
+    variants = [
+        bench_engine.Variant(),
+        bench_engine.Variant(channels_last=True),
+        bench_engine.Variant("bf16", channels_last=True),
+        bench_engine.Variant(onnx=True),
+    ]
+    report = bench_engine.run_bench(TINY, variants)
+    results = {r["variant"]: r for r in report["results"]}
+    speeds = [r["images_per_s"] for r in report["results"]]
+    assert speeds == sorted(speeds, reverse=True)
+    assert results["eager fp32 NCHW"]["max_abs_diff"] == 0
+    assert results["eager fp32 channels_last"]["max_abs_diff"] < 1e-3
+    assert results["onnxruntime fp32"]["max_abs_diff"] < 1e-3
+    assert results["eager bf16 channels_last"]["argmax_agreement"] > 0.5
+
+
+def test_train_mode() -> None:
+    spec = bench_engine.BenchSpec(**{**TINY.__dict__, "mode": "train", "batch_size": 2})
+    (result,) = run = bench_engine.run_bench(spec, [bench_engine.Variant()])["results"]
+    assert run and result["images_per_s"] > 0 and result["max_abs_diff"] is None
+
+
+def test_compare_matrix_lists_every_variant() -> None:
+    import torch
+
+    names = [v.name for v in bench_engine.compare_matrix("infer", torch.device("cpu"))]
+    assert names[0] == "eager fp32 NCHW"
+    assert {"eager fp32 channels_last", "compile bf16 channels_last", "onnxruntime fp32"} <= set(
+        names
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dtype", "fp16"], "fp16"),
+        (["--onnx", "--mode", "train"], "--onnx"),
+        (["--dtype", "int8"], "int8"),
+        (["--compare", "--compile"], "--compare"),
+    ],
+)
+def test_usage_errors_are_one_line(seg, flags: list[str], message: str) -> None:
+    done = seg("bench", "unet", "--device", "cpu", "--size", "32", *flags)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr
+
+
+def test_bad_spec_raises_before_work() -> None:
+    spec = bench_engine.BenchSpec(**{**TINY.__dict__, "mode": "serve"})
+    with pytest.raises(UsageError, match="--mode"):
+        bench_engine.run_bench(spec, [bench_engine.Variant()])
