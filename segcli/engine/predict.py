@@ -292,12 +292,13 @@ class OutputSpec:
     ) -> tuple[bytes, list[int]]:
         """The file's bytes and the pixel count of each class for K x H x W probabilities."""
         labels = labels_from_probabilities(probabilities[None], self.threshold)[0]
-        counts = torch.bincount(labels.flatten(), minlength=len(self.class_names)).tolist()
+        labels = labels.to(torch.uint8).cpu()
+        # numpy counts uint8 directly; torch.bincount wants int64 and is ~10x slower here.
+        counts = np.bincount(labels.numpy().ravel(), minlength=len(self.class_names)).tolist()
         if self.format == "prob":
             buffer = io.BytesIO()
             np.save(buffer, probabilities.to(torch.float16).cpu().numpy())
             return buffer.getvalue(), counts
-        labels = labels.to(torch.uint8).cpu()
         if self.format == "overlay":
             assert original is not None  # the dataset keeps originals for overlays
             return _png(blend(original, labels, self.palette).permute(1, 2, 0).numpy()), counts
