@@ -9,7 +9,8 @@ import typer
 from typer.exceptions import TyperException
 
 from segcli import __version__
-from segcli.cli import bench, check, export, params, predict
+from segcli.cli import bench, check, export, params, predict, train
+from segcli.cli import eval as eval_cli
 from segcli.errors import SegError
 
 app = typer.Typer(
@@ -20,6 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command("train")(train.train)
+app.command("eval")(eval_cli.eval_command)
 app.command("params")(params.params)
 app.command("predict")(predict.predict)
 app.command("check")(check.check)

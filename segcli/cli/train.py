@@ -162,6 +162,8 @@ def train(
         sys.stdout.write(resolved.to_toml())
         return
     summary = Trainer(resolved).run()
+    if summary is None:  # a DDP rank other than 0: rank 0 reports
+        return
     if json_output:
         print(json.dumps(summary, indent=2))
         return

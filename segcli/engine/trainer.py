@@ -27,7 +27,12 @@ from segcli.engine.checkpoint import (
 )
 from segcli.engine.config import TrainConfig
 from segcli.engine.device import Precision, resolve_device, resolve_precision, to_device
-from segcli.engine.distributed import DistContext, ShardSampler, init_distributed
+from segcli.engine.distributed import (
+    DistContext,
+    ShardSampler,
+    init_distributed,
+    shutdown_distributed,
+)
 from segcli.engine.evaluate import evaluate
 from segcli.engine.progress import Reporter
 from segcli.engine.report import append_jsonl, plot_curves, read_jsonl, save_preview
@@ -234,7 +239,11 @@ class Trainer:
         )
         self.backbone = model.build_config["backbone"]
         self.aux_weight = config.aux_weight if config.aux_weight is not None else model.aux_weight
-        if context.enabled and config.sync_bn:
+        if config.sync_bn and context.enabled:
+            if self.device.type != "cuda":
+                raise UsageError(
+                    "--sync-bn needs CUDA devices; PyTorch's SyncBatchNorm has no CPU path"
+                )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if self.precision.channels_last else None
         self.model = model.to(self.device, memory_format=memory_format)
@@ -454,7 +463,14 @@ class Trainer:
         records = read_jsonl(self.out / "metrics.jsonl")
         return records[-1]["epoch"] if records else 0
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
+        """Train; returns the summary on rank 0 and None on the other ranks."""
+        try:
+            return self._run()
+        finally:
+            shutdown_distributed(self.context)
+
+    def _run(self) -> dict[str, Any] | None:
         self._setup()
         config, context = self.config, self.context
         if context.is_main:
@@ -473,6 +489,11 @@ class Trainer:
             try:
                 for epoch in range(self.start_epoch, config.epochs):
                     train_loss, seconds, rate = self._train_epoch(epoch, stop)
+                    if context.enabled:
+                        # Ranks end the epoch with their own BatchNorm statistics; score and save
+                        # rank 0's model everywhere.
+                        for buffer in self.model.buffers():
+                            torch.distributed.broadcast(buffer, src=0)
                     result = evaluate(
                         self.model,
                         self.val_loader,
@@ -511,8 +532,9 @@ class Trainer:
                         break
             finally:
                 self.reporter.close()
-        if context.is_main:
-            self._save_previews()
+        if not context.is_main:
+            return None
+        self._save_previews()
         return self._summary(stopped_early)
 
     def _summary(self, stopped_early: bool) -> dict[str, Any]:
