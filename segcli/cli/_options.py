@@ -66,28 +66,34 @@ Cgm = Annotated[
         "--cgm/--no-cgm", help="UNet3+ classification-guided module.", rich_help_panel=MODEL_PANEL
     ),
 ]
+OutputStride = Annotated[
+    int | None,
+    typer.Option(
+        help="DeepLab/PSPNet/FCN-ResNet output stride: 8 | 16.", rich_help_panel=MODEL_PANEL
+    ),
+]
+Aux = Annotated[
+    bool | None,
+    typer.Option(
+        "--aux/--no-aux",
+        help="Auxiliary head (DeepLab, PSPNet, FCN-ResNet).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+Stride = Annotated[
+    int | None,
+    typer.Option(help="FCN on VGG: 32 | 16 | 8 (FCN-32s/16s/8s).", rich_help_panel=MODEL_PANEL),
+]
+FcWidth = Annotated[
+    int | None,
+    typer.Option(help="FCN on VGG: fc6/fc7 width [4096].", rich_help_panel=MODEL_PANEL),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 def model_options(**flags: object) -> dict[str, object]:
     """The architecture options the user actually gave (None means 'architecture default')."""
     return {name: value for name, value in flags.items() if value is not None}
-
-
-def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
-    """'256' -> (256, 256); '256x320' -> (256, 320) as height x width."""
-    from segcli.errors import UsageError
-
-    parts = text.lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise UsageError(f"{flag} takes N or HxW (e.g. 256 or 256x320), not '{text}'")
-    return values[0], values[1]
 
 
 RUN_PANEL = "Run"

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Backbone, Classes, InChannels, Json, parse_size
+from segcli.cli._options import Backbone, Classes, InChannels, Json
 
 
 def bench(
@@ -48,6 +48,7 @@ def bench(
     process peak RSS on CPU), GFLOPs per image, achieved GFLOP/s and its fraction of the
     device's matmul peak, which the command measures itself. With --compare: one table,
     fastest first, with each variant's speed-up and max abs difference from eager fp32."""
+    from segcli.data import parse_size
     from segcli.engine.bench import BenchSpec, Variant, compare_matrix, run_bench
     from segcli.engine.device import resolve_device
     from segcli.errors import UsageError

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Json, parse_size
+from segcli.cli._options import Json
 
 
 def export(
@@ -50,6 +50,7 @@ def export(
     ONNX files have input `images`, output `logits`, and the checkpoint's classes, mean/std
     and input size in their metadata (key `segcli`). A check that fails exits 1 and writes no
     file."""
+    from segcli.data import parse_size
     from segcli.engine.checkpoint import load_model
     from segcli.engine.export import FORMATS, default_output, export_model
     from segcli.errors import choose

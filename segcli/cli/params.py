@@ -9,16 +9,19 @@ import typer
 
 from segcli.cli._options import (
     Attention,
+    Aux,
     Backbone,
     Cgm,
     Classes,
     DeepSupervision,
     Down,
+    FcWidth,
     InChannels,
     Json,
+    OutputStride,
+    Stride,
     Up,
     model_options,
-    parse_size,
 )
 
 
@@ -34,6 +37,10 @@ def params(
     attention: Attention = None,
     deep_supervision: DeepSupervision = None,
     cgm: Cgm = None,
+    output_stride: OutputStride = None,
+    aux: Aux = None,
+    stride: Stride = None,
+    fc_width: FcWidth = None,
     flops: Annotated[bool, typer.Option("--flops", help="Add forward GFLOPs per image.")] = False,
     size: Annotated[str, typer.Option(help="Input size for --flops: N or HxW.")] = "512",
     json_output: Json = False,
@@ -46,11 +53,20 @@ def params(
     from rich.console import Console
     from rich.table import Table
 
+    from segcli.data import parse_size
     from segcli.models import summary
 
     flops_size = parse_size(size) if flops else None
     options = model_options(
-        up=up, down=down, attention=attention, deep_supervision=deep_supervision, cgm=cgm
+        up=up,
+        down=down,
+        attention=attention,
+        deep_supervision=deep_supervision,
+        cgm=cgm,
+        output_stride=output_stride,
+        aux=aux,
+        stride=stride,
+        fc_width=fc_width,
     )
     if arch is None:
         if backbone is not None or options:

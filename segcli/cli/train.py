@@ -8,7 +8,19 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Attention, Backbone, Cgm, DeepSupervision, Down, Json, Up
+from segcli.cli._options import (
+    Attention,
+    Aux,
+    Backbone,
+    Cgm,
+    DeepSupervision,
+    Down,
+    FcWidth,
+    Json,
+    OutputStride,
+    Stride,
+    Up,
+)
 
 OPT = "Optimisation"
 DATA = "Data"
@@ -28,15 +40,10 @@ def train(
     attention: Attention = None,
     deep_supervision: DeepSupervision = None,
     cgm: Cgm = None,
-    output_stride: Annotated[
-        int | None, _opt("DeepLab/PSPNet output stride: 8 | 16.", "Model")
-    ] = None,
-    aux: Annotated[
-        bool | None, _opt("Auxiliary head (DeepLab/PSPNet/FCN).", "Model", "--aux/--no-aux")
-    ] = None,
-    stride: Annotated[
-        int | None, _opt("FCN on VGG: 32 | 16 | 8 (FCN-32s/16s/8s).", "Model")
-    ] = None,
+    output_stride: OutputStride = None,
+    aux: Aux = None,
+    stride: Stride = None,
+    fc_width: FcWidth = None,
     pretrained: Annotated[
         bool | None,
         _opt("ImageNet weights for the backbone.", "Model", "--pretrained/--no-pretrained"),
@@ -148,6 +155,7 @@ def train(
             "output_stride",
             "aux",
             "stride",
+            "fc_width",
         )
     }
     flags["model_options"] = {k: v for k, v in options.items() if v is not None}
