@@ -101,6 +101,10 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(temporary)
+        # mkstemp creates the file private (0600); give it the permissions of a normal file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
