@@ -80,6 +80,14 @@ def test_one_epoch_writes_every_file_and_eval_agrees(seg, tmp_path, arch, backbo
     scores = json.loads(evaluated.stdout)
     assert scores["miou"] == pytest.approx(record["val"]["miou"], abs=1e-9)
     assert scores["iou"] == pytest.approx(record["val"]["iou"], abs=1e-9)
+    if arch == "unet":
+        full = seg(
+            "eval", str(out / "best.safetensors"), "--workers", "0", "--full-res", "--tta", "--json"
+        )
+        assert full.returncode == 0, full.stderr
+        full_scores = json.loads(full.stdout)
+        assert full_scores["full_res"] and full_scores["tta"] and full_scores["images"] == 8
+        assert 0.0 <= full_scores["miou"] <= 1.0
 
 
 def test_checkpoint_alone_rebuilds_the_model(tmp_path):
