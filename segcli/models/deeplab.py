@@ -57,19 +57,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3(DilatedResNetModel):
-    def __init__(
-        self,
-        backbone: str,
-        in_channels: int,
-        classes: int,
-        output_stride: int,
-        aux: bool,
-        pretrained: bool,
-        backbone_weights: str | None,
-    ) -> None:
-        super().__init__(
-            backbone, in_channels, classes, output_stride, aux, pretrained, backbone_weights
-        )
+    def build_head(self, classes: int, output_stride: int) -> None:
         # Flat Sequential (not conv_bn_relu) to keep torchvision's DeepLabHead key names.
         self.head = nn.Sequential(
             ASPP(self.encoder.out_channels[-1], ASPP_RATES[output_stride]),
@@ -84,19 +72,7 @@ class DeepLabV3Plus(DilatedResNetModel):
     """ASPP at 1/output_stride, upsampled to layer1 (1/4) and fused with its 48-channel
     projection by two 3x3 256-channel convs."""
 
-    def __init__(
-        self,
-        backbone: str,
-        in_channels: int,
-        classes: int,
-        output_stride: int,
-        aux: bool,
-        pretrained: bool,
-        backbone_weights: str | None,
-    ) -> None:
-        super().__init__(
-            backbone, in_channels, classes, output_stride, aux, pretrained, backbone_weights
-        )
+    def build_head(self, classes: int, output_stride: int) -> None:
         self.aspp = ASPP(self.encoder.out_channels[-1], ASPP_RATES[output_stride])
         self.low_level = conv_bn_relu(self.encoder.out_channels[1], LOW_LEVEL_CHANNELS, 1)
         self.fuse = nn.Sequential(

@@ -37,7 +37,8 @@ class FCNHead(nn.Sequential):
 
 
 class DilatedResNetModel(SegmentationModel):
-    """Subclasses set `self.head` (a module or a `decode` override) on the encoder's taps.
+    """Subclasses build their head in `build_head` (a `self.head` on layer4, or modules used by
+    a `decode` override), called once the encoder exists.
 
     No padding (size_divisor 1): torchvision's models run on the raw size, and padding would change
     what the global poolings of ASPP and PPM see."""
@@ -63,6 +64,10 @@ class DilatedResNetModel(SegmentationModel):
             backbone_weights=backbone_weights,
         )
         self.aux_head = FCNHead(self.encoder.out_channels[3], classes) if aux else None
+        self.build_head(classes, output_stride)
+
+    def build_head(self, classes: int, output_stride: int) -> None:
+        raise NotImplementedError
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.head(features[-1])

@@ -98,19 +98,7 @@ class FCNVGG(SegmentationModel):
 
 
 class FCNResNet(DilatedResNetModel):
-    def __init__(
-        self,
-        backbone: str,
-        in_channels: int,
-        classes: int,
-        output_stride: int,
-        aux: bool,
-        pretrained: bool,
-        backbone_weights: str | None,
-    ) -> None:
-        super().__init__(
-            backbone, in_channels, classes, output_stride, aux, pretrained, backbone_weights
-        )
+    def build_head(self, classes: int, output_stride: int) -> None:
         self.head = FCNHead(self.encoder.out_channels[-1], classes)
 
 

@@ -36,19 +36,7 @@ class PyramidPooling(nn.Module):
 class PSPNet(DilatedResNetModel):
     aux_weight = 0.4
 
-    def __init__(
-        self,
-        backbone: str,
-        in_channels: int,
-        classes: int,
-        output_stride: int,
-        aux: bool,
-        pretrained: bool,
-        backbone_weights: str | None,
-    ) -> None:
-        super().__init__(
-            backbone, in_channels, classes, output_stride, aux, pretrained, backbone_weights
-        )
+    def build_head(self, classes: int, output_stride: int) -> None:
         pyramid = PyramidPooling(self.encoder.out_channels[-1], PYRAMID_BINS)
         self.head = nn.Sequential(
             pyramid,
