@@ -448,6 +448,24 @@ def test_loader_is_reproducible(tmp_path: Path) -> None:
 # --- mock data ---------------------------------------------------------------------------------
 
 
+def test_batches_by_size_groups_equal_sizes_in_input_order() -> None:
+    from segcli.data import batches_by_size
+
+    sizes = [(4, 5), (6, 7), (4, 5), None, (4, 5), (6, 7), None, (4, 5)]
+    assert batches_by_size(sizes, 2) == [[0, 2], [4, 7], [1, 5], [3], [6]]
+    batches = batches_by_size(sizes, 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
+    assert all(len({sizes[i] for i in batch}) == 1 and len(batch) <= 3 for batch in batches)
+
+
+def test_image_sizes_from_headers(tmp_path: Path) -> None:
+    from segcli.data import image_sizes
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert image_sizes([tmp_path / "a.png", tmp_path / "bad.png"]) == [(20, 30), None]
+
+
 def test_mock_dataset_is_bundled_and_valid() -> None:
     root = mock_root()
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

@@ -23,8 +23,11 @@ from segcli.engine.inference import (
     window_starts,
 )
 from segcli.engine.predict import (
+    Job,
     OutputSpec,
+    PredictDataset,
     PredictOptions,
+    Predictor,
     Streams,
     expand_inputs,
     predict,
@@ -190,7 +193,9 @@ def test_json_records_and_every_format(checkpoint: Path, images: Path, tmp_path:
     probabilities = np.load(tmp_path / "p" / "a.npy")
     assert probabilities.dtype == np.float16 and probabilities.shape == (3, height, width)
     assert np.allclose(probabilities.sum(axis=0), 1, atol=5e-3)
-    assert np.array_equal(probabilities.argmax(axis=0), index)
+    # The indexed class holds the highest probability (float16 may round a close pair to a tie).
+    chosen = np.take_along_axis(probabilities, index[None].astype(np.int64), axis=0)[0]
+    assert np.array_equal(chosen, probabilities.max(axis=0))
 
 
 def test_out_dash_writes_png_bytes(checkpoint: Path, images: Path) -> None:
@@ -246,13 +251,59 @@ def test_threshold_is_for_binary_models(checkpoint: Path, images: Path, tmp_path
         std=(0.25,) * 3,
     )
     probabilities = torch.tensor([[[0.2, 0.4, 0.6]]])
+    logits = torch.log(probabilities / (1 - probabilities))
     low = OutputSpec.from_info(info, "index", threshold=0.3)
-    data, counts = low.render(probabilities, None)
-    assert counts == [1, 2] and np.asarray(Image.open(io.BytesIO(data))).tolist() == [[0, 1, 1]]
-    assert OutputSpec.from_info(info, "index", threshold=0.5).render(probabilities, None)[1] == [
-        2,
-        1,
-    ]
+    high = OutputSpec.from_info(info, "index", threshold=0.5)
+    for scores, are_probabilities in ((probabilities, True), (logits, False)):
+        data, counts = low.render(scores, None, are_probabilities)
+        assert counts == [1, 2]
+        assert np.asarray(Image.open(io.BytesIO(data))).tolist() == [[0, 1, 1]]
+        assert high.render(scores, None, are_probabilities)[1] == [2, 1]
+
+
+# --- model input size ------------------------------------------------------------------------
+
+
+def test_native_size_batches_equal_sizes_and_matches_one_by_one(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """Each image runs at its own size (no resize), images of one size share a batch, and the
+    result equals running the model on that image alone."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    sizes = {"p.png": (40, 56), "q.png": (33, 47), "r.png": (40, 56), "s.png": (40, 56)}
+    for name, (height, width) in sizes.items():
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    model, info = load_model(checkpoint, CPU)
+    together = options(tmp_path / "together", size="native", batch_size=4)
+    predictor = Predictor(model, info, FP32, CPU, together, Streams())
+    jobs = [Job(folder / name, None) for name in sizes]
+    batches = [sorted(s.index for s in batch.samples) for batch in predictor.loader(jobs)]
+    assert batches == [[0, 2, 3], [1]]
+
+    run(checkpoint, [str(folder)], together)
+    run(checkpoint, [str(folder)], options(tmp_path / "alone", size="native", batch_size=1))
+    for name, (height, width) in sizes.items():
+        mask = np.asarray(Image.open(tmp_path / "together" / name))
+        assert mask.shape == (height, width)
+        assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "alone" / name)))
+        image = PredictDataset([folder / name], info, None, False)[0][0]
+        with torch.inference_mode():
+            expected = model(image[None]).argmax(1)[0].numpy()
+        assert np.array_equal(mask, expected)
+
+
+def test_explicit_size_and_bad_size_flags(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    run(checkpoint, [str(images)], options(tmp_path / "s", size="96x80"))
+    for name, size in SIZES.items():
+        stem = Path(name).stem
+        assert np.asarray(Image.open(tmp_path / "s" / f"{stem}.png")).shape == size
+    with pytest.raises(UsageError, match="--size"):
+        run(checkpoint, [str(images)], options(tmp_path / "b", size="big"))
+    with pytest.raises(UsageError, match="--tile"):
+        run(checkpoint, [str(images)], options(tmp_path / "t", size="native", tile=32))
 
 
 # --- tiling and TTA ---------------------------------------------------------------------------

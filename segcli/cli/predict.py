@@ -66,6 +66,15 @@ def predict(
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = False,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="Model input size N or HxW, or 'native' for each image's own size (equal sizes "
+            "are batched together). Default: the checkpoint's input size.",
+            rich_help_panel=RUN_PANEL,
+            show_default=False,
+        ),
+    ] = None,
     tile: Annotated[
         int | None,
         typer.Option(
@@ -109,6 +118,7 @@ def predict(
     options = PredictOptions(
         out=None if out == "-" else Path(out),
         format=output_format,
+        size=size,
         threshold=threshold,
         tile=tile,
         overlap=overlap,

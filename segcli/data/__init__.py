@@ -29,6 +29,8 @@ _EXPORTS = {
     "DatasetReport": "checks",
     "check_dataset": "checks",
     "build_loader": "loader",
+    "batches_by_size": "loader",
+    "image_sizes": "loader",
 }
 
 __all__ = ["mock_root", *_EXPORTS]

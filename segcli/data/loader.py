@@ -5,10 +5,14 @@ per-worker torch seed the DataLoader derives from that generator)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from segcli.errors import UsageError
 
 
 def seed_worker(worker_id: int) -> None:
@@ -17,6 +21,34 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int] | None]:
+    """(H, W) of each image from its header alone (no decoding), None where it cannot be read:
+    such files fail later, by name, when they are decoded."""
+    from segcli.data.io import read_header
+
+    sizes: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            sizes.append(read_header(path)[1])
+        except UsageError:
+            sizes.append(None)
+    return sizes
+
+
+def batches_by_size(sizes: Sequence[tuple[int, int] | None], batch_size: int) -> list[list[int]]:
+    """Index batches for a DataLoader's `batch_sampler` in which all images share one size, so
+    they stack without resizing: sizes in order of first appearance, each cut into batches of at
+    most `batch_size` in input order. An unknown size (None) is a batch of its own."""
+    groups: dict[object, list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size if size is not None else ("unknown", index), []).append(index)
+    return [
+        group[start : start + batch_size]
+        for group in groups.values()
+        for start in range(0, len(group), batch_size)
+    ]
 
 
 def build_loader(
@@ -29,10 +61,12 @@ def build_loader(
     drop_last: bool = False,
     sampler: Sampler | None = None,
     prefetch_factor: int | None = None,
+    batch_sampler: Sequence[list[int]] | None = None,
 ) -> DataLoader:
     """A DataLoader for training or evaluation. `workers > 0` keeps its worker processes alive
     between epochs (persistent workers); memory is pinned only when batches go to a CUDA device.
-    With a `sampler` (e.g. DistributedSampler) `shuffle` is left to the sampler."""
+    With a `sampler` (e.g. DistributedSampler) `shuffle` is left to the sampler; a `batch_sampler`
+    (e.g. `batches_by_size`) fixes the batches and their order."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     options: dict[str, object] = {}
@@ -41,14 +75,19 @@ def build_loader(
         options["worker_init_fn"] = seed_worker
         if prefetch_factor is not None:
             options["prefetch_factor"] = prefetch_factor
+    if batch_sampler is not None:
+        options["batch_sampler"] = batch_sampler
+    else:
+        options.update(
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            drop_last=drop_last,
+        )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
         num_workers=workers,
         pin_memory=device_type == "cuda",
-        drop_last=drop_last,
         generator=generator,
         **options,
     )

@@ -88,8 +88,10 @@ def evaluate_checkpoint(
     from segcli.data import (
         ClassMapping,
         SegmentationDataset,
+        batches_by_size,
         build_loader,
         check_dataset,
+        image_sizes,
         mock_root,
     )
     from segcli.engine.checkpoint import load_model
@@ -114,13 +116,20 @@ def evaluate_checkpoint(
         mean=info.mean,
         std=info.std,
     )
+    # At original sizes, only images of one size can share a batch.
+    same_size = (
+        batches_by_size(image_sizes([image for image, _ in dataset.pairs]), batch_size)
+        if full_res
+        else None
+    )
     loader = build_loader(
         dataset,
-        1 if full_res else batch_size,
+        batch_size,
         shuffle=False,
         workers=workers,
         seed=0,
         device_type=device.type,
+        batch_sampler=same_size,
     )
     result = evaluate(
         model,

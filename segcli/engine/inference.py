@@ -3,13 +3,15 @@ augmentation, and turning scores into class labels."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from segcli.engine.device import Precision, to_device
 
 
-def _scores(logits: torch.Tensor) -> torch.Tensor:
+def probabilities_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Probabilities in float32: softmax over classes, sigmoid for a one-logit model."""
     logits = logits.float()
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
@@ -27,11 +29,11 @@ def class_probabilities(
     the probabilities of the image and its horizontal and vertical flips."""
     images = to_device(images, device, precision)
     with precision.autocast(device):
-        probabilities = _scores(model(images))
+        probabilities = probabilities_from_logits(model(images))
         if tta:
             for dims in ((3,), (2,)):
                 flipped = model(torch.flip(images, dims))
-                probabilities += torch.flip(_scores(flipped), dims)
+                probabilities += torch.flip(probabilities_from_logits(flipped), dims)
             probabilities /= 3
     return probabilities
 
@@ -43,6 +45,15 @@ def labels_from_probabilities(probabilities: torch.Tensor, threshold: float = 0.
     # max().indices gives the same first-maximum index as argmax but is ~6x faster on CPU for a
     # contiguous N x K x H x W tensor (argmax over a strided dim; measured 74 vs 12 ms, 512x512).
     return probabilities.max(dim=1).indices
+
+
+def labels_from_logits(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The labels `labels_from_probabilities` gives for the softmax (or sigmoid) of `logits`,
+    without computing it: softmax keeps the argmax, and sigmoid(x) > t exactly when
+    x > log(t / (1 - t))."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > math.log(threshold / (1 - threshold))).long()
+    return logits.max(dim=1).indices
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

@@ -1,12 +1,15 @@
 """`seg predict`: segment images from files, folders or stdin and write one output per image at
 the image's original size.
 
-Images are decoded and resized in DataLoader workers while the model runs on the previous batch;
-every image is resized to the checkpoint's input size (the size the model was trained at), so a
-batch is always one size. With `tile`, each image instead keeps its own resolution and is
-segmented in Gaussian-blended sliding windows (`inference.sliding_window_probabilities`), whose
-windows are batched. Probabilities are resized back to the original size with bilinear
-interpolation before the argmax, so class borders stay smooth.
+Images are decoded and resized in DataLoader workers while the model runs on the previous batch.
+By default every image is resized to the checkpoint's input size (the size the model was trained
+at), so a batch is always one size; `size="native"` keeps each image's own size and batches
+images of equal size together (`data.batches_by_size`, from the file headers). With `tile`, each
+image keeps its own resolution and is segmented in Gaussian-blended sliding windows
+(`inference.sliding_window_probabilities`), whose windows are batched. Scores are resized back to
+the original size with bilinear interpolation before the argmax, so class borders stay smooth.
+Without TTA or tiles the logits are resized, as `seg eval --full-res` does, and labels are their
+argmax; `prob` outputs take the softmax at the original size.
 
 Per-image failures (unreadable file, wrong channels, write error) are reported on stderr by name
 and skipped; the run ends with a RuntimeFailure (exit 1) if any happened. stdout carries only
@@ -31,16 +34,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from segcli.engine.checkpoint import CheckpointInfo, load_model
-from segcli.engine.device import Precision, resolve_device, resolve_precision
+from segcli.engine.device import Precision, resolve_device, resolve_precision, to_device
 from segcli.engine.inference import (
     class_probabilities,
+    labels_from_logits,
     labels_from_probabilities,
+    probabilities_from_logits,
     sliding_window_probabilities,
 )
 from segcli.errors import RuntimeFailure, SegError, UsageError, choose
 
 FORMATS = ("index", "color", "overlay", "prob")
 STDIN = "-"
+NATIVE = "native"
 # Overlay: how much of the class colour shows over the image.
 OVERLAY_ALPHA = 0.5
 # zlib level 1: label maps are long runs of equal bytes, so the file is barely bigger than at
@@ -55,6 +61,7 @@ class PredictOptions:
 
     out: Path | None
     format: str = "index"
+    size: str | None = None  # N, HxW or "native"; None: the checkpoint's input size
     threshold: float | None = None
     tile: int | None = None
     overlap: float = 0.25
@@ -77,6 +84,12 @@ class PredictOptions:
             raise UsageError(f"--threshold {self.threshold}: use a probability in (0, 1)")
         if self.batch_size < 1 or self.workers < 0:
             raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+        if self.tile is not None and self.size is not None:
+            raise UsageError("--tile runs windows at native resolution; drop --size")
+        if self.size is not None and self.size != NATIVE:
+            from segcli.data import parse_size
+
+            parse_size(self.size)
         if self.out is None and self.json:
             raise UsageError("--out - writes the image bytes to stdout; it cannot go with --json")
 
@@ -253,8 +266,8 @@ class PredictDataset(Dataset):
 
 
 def collate(items: list[tuple[torch.Tensor, Sample] | Failure]) -> Batch:
-    """Stack the decoded images (all one size: the checkpoint's, or one image when tiling) and
-    pass failures through."""
+    """Stack the decoded images (one size: the model size, one size bucket, or one image when
+    tiling) and pass failures through."""
     good = [item for item in items if not isinstance(item, Failure)]
     failures = [item for item in items if isinstance(item, Failure)]
     images = torch.stack([tensor for tensor, _ in good]) if good else None
@@ -267,7 +280,7 @@ def collate(items: list[tuple[torch.Tensor, Sample] | Failure]) -> Batch:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """How to turn probabilities into an output file."""
+    """How to turn scores into an output file."""
 
     format: str
     threshold: float
@@ -288,16 +301,19 @@ class OutputSpec:
         return cls(format, threshold, names, torch.tensor(colors, dtype=torch.uint8))
 
     def render(
-        self, probabilities: torch.Tensor, original: torch.Tensor | None
+        self, scores: torch.Tensor, original: torch.Tensor | None, are_probabilities: bool
     ) -> tuple[bytes, list[int]]:
-        """The file's bytes and the pixel count of each class for K x H x W probabilities."""
-        labels = labels_from_probabilities(probabilities[None], self.threshold)[0]
-        labels = labels.to(torch.uint8).cpu()
+        """The file's bytes and the pixel count of each class for K x H x W scores
+        (probabilities, or logits when the format does not need probabilities)."""
+        to_labels = labels_from_probabilities if are_probabilities else labels_from_logits
+        labels = to_labels(scores[None], self.threshold)[0].to(torch.uint8).cpu()
         # numpy counts uint8 directly; torch.bincount wants int64 and is ~10x slower here.
         counts = np.bincount(labels.numpy().ravel(), minlength=len(self.class_names)).tolist()
         if self.format == "prob":
+            if not are_probabilities:
+                scores = probabilities_from_logits(scores[None])[0]
             buffer = io.BytesIO()
-            np.save(buffer, probabilities.to(torch.float16).cpu().numpy())
+            np.save(buffer, scores.to(torch.float16).cpu().numpy())
             return buffer.getvalue(), counts
         if self.format == "overlay":
             assert original is not None  # the dataset keeps originals for overlays
@@ -384,27 +400,48 @@ class Predictor:
         self.options = options
         self.streams = streams
         self.spec = OutputSpec.from_info(info, options.format, threshold)
+        # None: each image at its own size (native or tiled).
+        self.model_size: tuple[int, int] | None = None
+        if options.tile is None and options.size != NATIVE:
+            from segcli.data import parse_size
+
+            self.model_size = parse_size(options.size) if options.size else info.input_size
+        # Averaging (flips, overlapping windows) needs probabilities; otherwise the logits are
+        # resized to the original size, as `seg eval --full-res` does, and only a `prob` output
+        # takes their softmax there.
+        self.probabilities_out = options.tta or options.tile is not None
 
     def loader(self, jobs: list[Job]) -> DataLoader:
-        tiling = self.options.tile is not None
+        from segcli.data import batches_by_size, image_sizes
+
+        paths = [job.source for job in jobs]
         dataset = PredictDataset(
-            [job.source for job in jobs],
+            paths,
             self.info,
-            size=None if tiling else tuple(self.info.input_size),
+            size=self.model_size,
             keep_original=self.options.format == "overlay",
         )
+        if self.options.tile is not None:
+            batches = [[index] for index in range(len(jobs))]  # the windows are the batch
+        elif self.model_size is None:
+            batches = batches_by_size(image_sizes(paths), self.options.batch_size)
+        else:
+            batches = [
+                list(range(start, min(start + self.options.batch_size, len(jobs))))
+                for start in range(0, len(jobs), self.options.batch_size)
+            ]
         workers = min(self.options.workers, len(jobs))
         return DataLoader(
             dataset,
-            # One native-size image at a time when tiling; its windows are the batch.
-            batch_size=1 if tiling else self.options.batch_size,
+            batch_sampler=batches,
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
         )
 
-    def probabilities(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """K x h x w probabilities per image of the batch, on the device."""
+    def scores(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """K x h x w scores per image of the batch, on the device: probabilities when
+        `self.probabilities_out`, else logits."""
         options = self.options
         if options.tile is not None:
             return [
@@ -420,9 +457,14 @@ class Predictor:
                 )
                 for image in images
             ]
-        batch = class_probabilities(
-            self.model, images, precision=self.precision, device=self.device, tta=options.tta
-        )
+        if self.probabilities_out:
+            batch = class_probabilities(
+                self.model, images, precision=self.precision, device=self.device, tta=options.tta
+            )
+        else:
+            images = to_device(images, self.device, self.precision)
+            with self.precision.autocast(self.device):
+                batch = self.model(images)
         return list(batch)
 
     def run(
@@ -434,20 +476,18 @@ class Predictor:
                     self.fail(summary, failure.message)
                 if batch.images is None:
                     continue
-                for sample, probabilities in zip(
-                    batch.samples, self.probabilities(batch.images), strict=True
-                ):
-                    self.emit(jobs[sample.index], sample, probabilities, summary)
+                for sample, scores in zip(batch.samples, self.scores(batch.images), strict=True):
+                    self.emit(jobs[sample.index], sample, scores, summary)
                 if progress is not None:
                     progress(len(batch.samples) + len(batch.failures))
 
-    def emit(self, job: Job, sample: Sample, probabilities: torch.Tensor, summary: Summary) -> None:
+    def emit(self, job: Job, sample: Sample, scores: torch.Tensor, summary: Summary) -> None:
         """Resize to the original size, render, write, and print the path or JSON record."""
-        if tuple(probabilities.shape[-2:]) != sample.size:
-            probabilities = F.interpolate(
-                probabilities[None], size=sample.size, mode="bilinear", align_corners=False
+        if tuple(scores.shape[-2:]) != sample.size:
+            scores = F.interpolate(
+                scores[None].float(), size=sample.size, mode="bilinear", align_corners=False
             )[0]
-        data, counts = self.spec.render(probabilities, sample.original)
+        data, counts = self.spec.render(scores, sample.original, self.probabilities_out)
         try:
             if job.target is None:
                 self.streams.data.write(data)
