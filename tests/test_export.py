@@ -70,6 +70,22 @@ def test_torch_formats_export_and_check(checkpoint: Path, tmp_path: Path, fmt: s
     assert runner(np.zeros((1, 3, *SIZE), np.float32)).shape == (1, 3, *SIZE)
 
 
+def test_unpadded_model_exports_a_program_free_in_every_size(tmp_path: Path) -> None:
+    """Dilated ResNets have no padding divisor: the program takes any batch and size (checked at
+    an odd size), not only steps of 32."""
+    checkpoint = make_checkpoint(tmp_path / "d.safetensors", "deeplabv3", "resnet18")
+    result = export(checkpoint, tmp_path / "d.pt2", fmt="exported-program")
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3
+    assert any(shape[2] % 2 and shape[3] % 2 for shape in result.checked_shapes)
+    runner = export_engine.load_runner(str(result.path), "exported-program")
+    assert runner(np.zeros((3, 3, 45, 71), np.float32)).shape == (3, 3, 45, 71)
+
+
+def test_padded_program_needs_two_steps(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="steps of 32 from 64"):
+        export(checkpoint, tmp_path / "p.pt2", fmt="exported-program", size=(32, 32))
+
+
 def test_static_onnx_has_fixed_shape(checkpoint: Path, tmp_path: Path) -> None:
     import onnx
 
@@ -132,5 +148,7 @@ def test_cli_json_and_one_line_errors(checkpoint: Path, tmp_path: Path, seg) -> 
 @pytest.mark.parametrize("fmt", export_engine.FORMATS)
 def test_every_architecture_exports(arch: str, fmt: str, tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "m.safetensors", arch, None)
-    result = export(checkpoint, tmp_path / "m.out", fmt=fmt)
+    divisor = build_model(arch, None, in_channels=3, classes=3).size_divisor
+    size = (max(SIZE[0], 2 * divisor),) * 2  # dynamic programs start at two padding steps
+    result = export(checkpoint, tmp_path / "m.out", fmt=fmt, size=size)
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3

@@ -223,12 +223,19 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> N
 def _export_program(model: nn.Module, example: torch.Tensor, path: str, *, dynamic: bool) -> None:
     shapes = None
     if dynamic:
-        # Free H and W in steps of the model's padding divisor: with arbitrary sizes torch.export
-        # guards on the padding arithmetic and rejects other remainders at run time.
         divisor = _divisor(model)
-        height = torch.export.Dim("height_blocks", min=1) * divisor
-        width = torch.export.Dim("width_blocks", min=1) * divisor
-        shapes = ({0: torch.export.Dim("batch", min=1), 2: height, 3: width},)
+        if divisor == 1:
+            # Unpadded models (dilated ResNets) have no padding arithmetic to guard on: torch.export
+            # infers each dimension's range itself (e.g. at least 9 pixels for DeepLabv3).
+            auto = torch.export.Dim.AUTO
+            shapes = ({0: auto, 2: auto, 3: auto},)
+        else:
+            # H and W in steps of the padding divisor: with other remainders torch.export guards
+            # on the padding arithmetic and rejects them at run time. From two steps, because a
+            # deepest feature map of size 1 is specialised to a constant.
+            height = torch.export.Dim("height_blocks", min=2) * divisor
+            width = torch.export.Dim("width_blocks", min=2) * divisor
+            shapes = ({0: torch.export.Dim("batch", min=1), 2: height, 3: width},)
     program = torch.export.export(model, (example,), dynamic_shapes=shapes)
     torch.export.save(program, path)
 
@@ -314,14 +321,14 @@ def export_model(
     model = model.cpu().float().eval()
     in_channels = int(info.model["in_channels"])
     example = _example(in_channels, size, dynamic)
-    if fmt == "exported-program" and dynamic:
-        divisor = _divisor(model)
-        if size[0] % divisor or size[1] % divisor:
-            raise UsageError(
-                f"--size {size[0]}x{size[1]}: a dynamic exported program takes sizes in steps "
-                f"of {divisor} for this model; pass multiples of {divisor} or --static"
-            )
-    step = _divisor(model) if fmt == "exported-program" else 1
+    divisor = _divisor(model)
+    off_step = size[0] % divisor or size[1] % divisor or min(size) < 2 * divisor
+    if fmt == "exported-program" and dynamic and divisor > 1 and off_step:
+        raise UsageError(
+            f"--size {size[0]}x{size[1]}: a dynamic exported program of this model takes "
+            f"sizes in steps of {divisor} from {2 * divisor}; pass such a --size or --static"
+        )
+    step = divisor if fmt == "exported-program" else 1
     shapes = _check_shapes(in_channels, size, dynamic, step)
     outcome: dict[str, float | None] = {"max_abs_diff": None}
 
