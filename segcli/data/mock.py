@@ -117,12 +117,13 @@ def _sample(rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB"), mask
 
 
-def generate(out_dir: str | Path, seed: int = 0) -> Path:
+def generate(out_dir: str | Path, seed: int = 0, splits: dict[str, int] | None = None) -> Path:
     """Write the mock dataset to `out_dir` (train/ and val/ with images/ and masks/, plus
-    classes.json) and return it. Existing files of the same names are overwritten."""
+    classes.json) and return it; `splits` overrides the image count per split (benchmarks use
+    bigger sets). Existing files of the same names are overwritten."""
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
-    for split, count in SPLITS.items():
+    for split, count in (splits or SPLITS).items():
         (out / split / "images").mkdir(parents=True, exist_ok=True)
         (out / split / "masks").mkdir(parents=True, exist_ok=True)
         for index in range(count):
