@@ -23,7 +23,12 @@ def eval_command(
         bool, typer.Option("--full-res", help="Score at each image's original size.")
     ] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average flipped predictions.")] = False,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers.")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="DataLoader workers [auto: 0 on a CPU with at most 4 cores, else 2]."
+        ),
+    ] = None,
     json_output: Json = False,
 ) -> None:
     """Score a checkpoint: per-class IoU, Dice and accuracy, with mIoU, mDice and pixel accuracy.

@@ -97,8 +97,13 @@ def predict(
         ),
     ] = 4,
     workers: Annotated[
-        int, typer.Option(help="DataLoader decoding workers.", rich_help_panel=RUN_PANEL)
-    ] = 2,
+        int | None,
+        typer.Option(
+            help="DataLoader decoding workers [auto: 0 on a CPU with at most 4 cores, else 2].",
+            rich_help_panel=RUN_PANEL,
+            show_default=False,
+        ),
+    ] = None,
     device: Device = "auto",
     amp: Amp = "auto",
     fail_fast: Annotated[

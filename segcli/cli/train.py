@@ -70,7 +70,9 @@ def train(
     vflip: Annotated[bool | None, _opt("Vertical flips [off].", DATA, "--vflip/--no-vflip")] = None,
     rotate: Annotated[float | None, _opt("Max rotation, degrees [10].", DATA)] = None,
     color_jitter: Annotated[float | None, _opt("Colour jitter strength [0.2].", DATA)] = None,
-    workers: Annotated[int | None, _opt("DataLoader workers [2].", DATA)] = None,
+    workers: Annotated[
+        int | None, _opt("DataLoader workers [auto: 0 on a CPU of <=4 cores, else 2].", DATA)
+    ] = None,
     epochs: Annotated[int | None, _opt("Epochs [50].", OPT)] = None,
     batch_size: Annotated[int | None, _opt("Batch size [8].", OPT)] = None,
     lr: Annotated[float | None, _opt("Learning rate [1e-3].", OPT)] = None,

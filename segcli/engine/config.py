@@ -34,7 +34,7 @@ class TrainConfig:
     vflip: bool = False
     rotate: float = 10.0
     color_jitter: float = 0.2
-    workers: int = 2
+    workers: int | None = None  # None: device.data_workers decides
     # optimisation
     epochs: int = 50
     batch_size: int = 8
@@ -82,7 +82,7 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, not {self.lr}")
-        if self.workers < 0 or self.patience < 0:
+        if (self.workers is not None and self.workers < 0) or self.patience < 0:
             raise UsageError("--workers and --patience must not be negative")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")

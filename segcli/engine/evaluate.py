@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     amp: str = "auto",
     full_res: bool = False,
     tta: bool = False,
-    workers: int = 2,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Rebuild a model from its checkpoint alone and score it on a split of a dataset (the
     checkpoint's class mapping decides how masks are read)."""
@@ -95,7 +95,7 @@ def evaluate_checkpoint(
         mock_root,
     )
     from segcli.engine.checkpoint import load_model
-    from segcli.engine.device import resolve_device, resolve_precision
+    from segcli.engine.device import data_workers, resolve_device, resolve_precision
     from segcli.errors import UsageError
 
     device = resolve_device(device_name)
@@ -126,7 +126,7 @@ def evaluate_checkpoint(
         dataset,
         batch_size,
         shuffle=False,
-        workers=workers,
+        workers=data_workers(workers, device),
         seed=0,
         device_type=device.type,
         batch_sampler=same_size,

@@ -1,7 +1,8 @@
 """`seg predict`: segment images from files, folders or stdin and write one output per image at
 the image's original size.
 
-Images are decoded and resized in DataLoader workers while the model runs on the previous batch.
+Images are decoded and resized in DataLoader workers while the model runs on the previous batch
+(on CPUs with few cores, in the main process by default: see `device.data_workers`).
 By default every image is resized to the checkpoint's input size (the size the model was trained
 at), so a batch is always one size; `size="native"` keeps each image's own size and batches
 images of equal size together (`data.batches_by_size`, from the file headers). With `tile`, each
@@ -34,7 +35,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from segcli.engine.checkpoint import CheckpointInfo, load_model
-from segcli.engine.device import Precision, resolve_device, resolve_precision, to_device
+from segcli.engine.device import (
+    Precision,
+    data_workers,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from segcli.engine.inference import (
     class_probabilities,
     labels_from_logits,
@@ -67,7 +74,7 @@ class PredictOptions:
     overlap: float = 0.25
     tta: bool = False
     batch_size: int = 4
-    workers: int = 2
+    workers: int | None = None  # None: device.data_workers decides
     device: str = "auto"
     amp: str = "auto"
     overwrite: bool = False
@@ -82,7 +89,7 @@ class PredictOptions:
             raise UsageError(f"--overlap {self.overlap}: use a fraction from 0 to 0.9, e.g. 0.25")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise UsageError(f"--threshold {self.threshold}: use a probability in (0, 1)")
-        if self.batch_size < 1 or self.workers < 0:
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
             raise UsageError("--batch-size must be at least 1 and --workers at least 0")
         if self.tile is not None and self.size is not None:
             raise UsageError("--tile runs windows at native resolution; drop --size")
@@ -430,7 +437,7 @@ class Predictor:
                 list(range(start, min(start + self.options.batch_size, len(jobs))))
                 for start in range(0, len(jobs), self.options.batch_size)
             ]
-        workers = min(self.options.workers, len(jobs))
+        workers = min(data_workers(self.options.workers, self.device), len(jobs))
         return DataLoader(
             dataset,
             batch_sampler=batches,

@@ -26,7 +26,13 @@ from segcli.engine.checkpoint import (
     save_checkpoint,
 )
 from segcli.engine.config import TrainConfig
-from segcli.engine.device import Precision, resolve_device, resolve_precision, to_device
+from segcli.engine.device import (
+    Precision,
+    data_workers,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from segcli.engine.distributed import (
     DistContext,
     ShardSampler,
@@ -262,7 +268,7 @@ class Trainer:
         batch = min(config.batch_size, len(self.data.train))
         # Persistent workers carry their RNG across epochs, which a resumed run cannot
         # reproduce; deterministic runs load in the main process, seeded every epoch.
-        workers = 0 if config.deterministic else config.workers
+        workers = 0 if config.deterministic else data_workers(config.workers, self.device)
         self.train_loader = build_loader(
             self.data.train,
             batch,
