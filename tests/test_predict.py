@@ -295,6 +295,18 @@ def test_native_size_batches_equal_sizes_and_matches_one_by_one(
         assert np.array_equal(mask, expected)
 
 
+def test_compiled_model_predicts_what_the_eager_one_does(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    run(checkpoint, [str(images)], options(tmp_path / "eager"))
+    run(checkpoint, [str(images)], options(tmp_path / "compiled", compile=True))
+    for name in SIZES:
+        stem = Path(name).stem
+        eager = np.asarray(Image.open(tmp_path / "eager" / f"{stem}.png"))
+        fast = np.asarray(Image.open(tmp_path / "compiled" / f"{stem}.png"))
+        assert (eager == fast).mean() > 0.99  # fp32; fused kernels may flip a near-tie
+
+
 def test_explicit_size_and_bad_size_flags(checkpoint: Path, images: Path, tmp_path: Path) -> None:
     run(checkpoint, [str(images)], options(tmp_path / "s", size="96x80"))
     for name, size in SIZES.items():
@@ -459,6 +471,8 @@ def test_onnx_file_stands_in_for_the_checkpoint(
         np.testing.assert_allclose(
             np.load(tmp_path / "onnx" / name), np.load(tmp_path / "eager" / name), atol=2e-3
         )
+    with pytest.raises(UsageError, match="--compile"):
+        run(path, [str(images)], options(tmp_path / "c", compile=True))
 
 
 def test_onnx_without_onnxruntime_says_how_to_install(

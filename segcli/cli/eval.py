@@ -29,6 +29,10 @@ def eval_command(
             min=0, help="DataLoader workers [auto: 0 on a CPU with at most 4 cores, else 2]."
         ),
     ] = None,
+    compile_model: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the model (pays back on large splits)."),
+    ] = False,
     json_output: Json = False,
 ) -> None:
     """Score a checkpoint: per-class IoU, Dice and accuracy, with mIoU, mDice and pixel accuracy.
@@ -47,6 +51,7 @@ def eval_command(
         full_res=full_res,
         tta=tta,
         workers=workers,
+        compile=compile_model,
     )
     if json_output:
         print(json.dumps(result, indent=2))

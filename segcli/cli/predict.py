@@ -106,6 +106,15 @@ def predict(
     ] = None,
     device: Device = "auto",
     amp: Amp = "auto",
+    compile_model: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the model: a one-off compile (about 20 s for DeepLabv3-ResNet50 "
+            "on 2 CPU cores) for about 1.2x faster batches; pays back over hundreds of images.",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = False,
     fail_fast: Annotated[
         bool,
         typer.Option("--fail-fast", help="Stop at the first bad input.", rich_help_panel=RUN_PANEL),
@@ -132,6 +141,7 @@ def predict(
         workers=workers,
         device=device,
         amp=amp,
+        compile=compile_model,
         overwrite=overwrite,
         fail_fast=fail_fast,
         json=json_output,

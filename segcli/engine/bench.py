@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.engine.device import Precision, resolve_precision
+from segcli.engine.device import Precision, compiled, resolve_precision
 from segcli.errors import UsageError, choose
 
 MODES = ("infer", "train")
@@ -265,7 +265,7 @@ def _prepare(
         model = model.to(memory_format=torch.channels_last)
     model.train(spec.mode == "train")
     if variant.compile:
-        model = torch.compile(model)
+        model = compiled(model)
     return model, precision
 
 

@@ -105,6 +105,15 @@ def data_workers(requested: int | None, device: torch.device) -> int:
     return 2
 
 
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile(model)`, without inductor's warning that a CPU-only machine has no CUDA
+    runtime (it is harmless there and would be the only line on stderr)."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(model)
+
+
 def to_device(batch: torch.Tensor, device: torch.device, precision: Precision) -> torch.Tensor:
     """Move an image batch to the device in the model's memory format."""
     batch = batch.to(device, non_blocking=True)

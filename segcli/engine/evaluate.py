@@ -82,6 +82,7 @@ def evaluate_checkpoint(
     full_res: bool = False,
     tta: bool = False,
     workers: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Rebuild a model from its checkpoint alone and score it on a split of a dataset (the
     checkpoint's class mapping decides how masks are read)."""
@@ -95,7 +96,7 @@ def evaluate_checkpoint(
         mock_root,
     )
     from segcli.engine.checkpoint import load_model
-    from segcli.engine.device import data_workers, resolve_device, resolve_precision
+    from segcli.engine.device import compiled, data_workers, resolve_device, resolve_precision
     from segcli.errors import UsageError
 
     device = resolve_device(device_name)
@@ -103,6 +104,8 @@ def evaluate_checkpoint(
     model, info = load_model(checkpoint, device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = compiled(model)
     mapping = ClassMapping.from_dict(info.classes)
     report = check_dataset(data or mock_root(), mapping=mapping, required_splits=(split,))
     if split not in report.info.splits:

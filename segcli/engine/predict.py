@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from segcli.engine.checkpoint import CheckpointInfo, load_model
 from segcli.engine.device import (
     Precision,
+    compiled,
     data_workers,
     resolve_device,
     resolve_precision,
@@ -77,6 +78,7 @@ class PredictOptions:
     workers: int | None = None  # None: device.data_workers decides
     device: str = "auto"
     amp: str = "auto"
+    compile: bool = False
     overwrite: bool = False
     fail_fast: bool = False
     json: bool = False
@@ -366,11 +368,14 @@ def write_atomic(target: Path, data: bytes) -> None:
 
 
 def load_predictor(
-    checkpoint: Path, device: torch.device, amp: str
+    checkpoint: Path, device: torch.device, amp: str, compile: bool = False
 ) -> tuple[Any, CheckpointInfo, Precision]:
-    """The model (eager, or onnxruntime for `.onnx` files), its info and the precision to run
-    it at. ONNX graphs run in float32 on onnxruntime's own threads, so no autocast for them."""
+    """The model (eager, compiled, or onnxruntime for `.onnx` files), its info and the precision
+    to run it at. ONNX graphs run in float32 on onnxruntime's own threads, so no autocast for
+    them."""
     if checkpoint.suffix.lower() == ".onnx":
+        if compile:
+            raise UsageError("--compile applies to .safetensors checkpoints, not ONNX files")
         from segcli.engine.onnx_model import load_onnx
 
         model, info = load_onnx(checkpoint, device)
@@ -379,6 +384,8 @@ def load_predictor(
     model, info = load_model(checkpoint, device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = compiled(model)
     return model, info, precision
 
 
@@ -544,7 +551,7 @@ def predict(
     streams = streams or Streams()
     options.validate()
     device = resolve_device(options.device)
-    model, info, precision = load_predictor(checkpoint, device, options.amp)
+    model, info, precision = load_predictor(checkpoint, device, options.amp, options.compile)
     predictor = Predictor(model, info, precision, device, options, streams)
     found = expand_inputs(inputs, streams.stdin)
     if not found:

@@ -28,6 +28,7 @@ from segcli.engine.checkpoint import (
 from segcli.engine.config import TrainConfig
 from segcli.engine.device import (
     Precision,
+    compiled,
     data_workers,
     resolve_device,
     resolve_precision,
@@ -316,7 +317,7 @@ class Trainer:
             self.out = Path(config.out) if config.out else default_run_dir(config, self.backbone)
         self.step_model: nn.Module = self.model
         if config.compile:
-            self.step_model = torch.compile(self.model)
+            self.step_model = compiled(self.model)
         if context.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
