@@ -29,7 +29,7 @@ from PIL import Image
 
 from segcli.data import ClassMapping
 from segcli.engine.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
-from segcli.engine.device import Precision, resolve_device
+from segcli.engine.device import Precision, data_workers, resolve_device
 from segcli.engine.predict import (
     PredictOptions,
     Predictor,
@@ -117,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="default: seg predict's")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--arch", default="unet")
     parser.add_argument("--backbone", default="resnet18")
@@ -158,7 +158,7 @@ def main() -> None:
             "size": SIZE,
             "images": args.images,
             "batch_size": args.batch_size,
-            "workers": args.workers,
+            "workers": data_workers(args.workers, device),
             "precision": precision.name,
             "channels_last": precision.channels_last,
             "device": device.type,

@@ -120,5 +120,6 @@ def _print_table(report: dict, compare: bool) -> None:
             ]
         cells.append(f"{r['setup_s']:.1f}")
         table.add_row(*cells)
-    Console().print(table)
-    print(f"memory: {first['memory_kind']}; % peak: of a square matmul in the variant's dtype")
+    # Piped output gets a wide table instead of rich's 80 columns, which would cut the cells.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    print(f"memory: {first['memory_kind']}; % peak: of the measured dense peak in the variant's dtype")

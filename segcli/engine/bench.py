@@ -160,25 +160,32 @@ class PeakMemory:
 
 @functools.cache
 def matmul_peak_gflops(device_name: str, dtype_name: str) -> float:
-    """Best GFLOP/s of a large matrix product on this device and dtype: the practical ceiling
-    the model's achieved GFLOP/s is compared with. The product is timed twice, as `torch.mm`
-    (the BLAS library) and as the same GEMM written as a 1x1 channels_last convolution (oneDNN
-    on CPU, cuDNN on CUDA), and the faster counts: on AMD CPUs MKL's fp32 GEMM reaches well
-    under half of what oneDNN's convolutions do, which would put models above "100%"."""
+    """Best GFLOP/s of large dense products on this device and dtype: the practical ceiling the
+    model's achieved GFLOP/s is compared with. Timed three ways and the fastest counts: a GEMM
+    as `torch.mm` (the BLAS library), the same GEMM as a 1x1 channels_last convolution and a
+    256-channel 3x3 convolution (oneDNN on CPU, cuDNN on CUDA). On AMD CPUs MKL's fp32 GEMM
+    reaches well under half of what oneDNN's convolutions do, which would otherwise put
+    convolutional models above "100%"."""
     device = torch.device(device_name)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     n = 2048 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    pixels = 64  # the convolution's M = 64 * 64 rows
-    x = torch.randn(1, n, pixels, pixels, device=device).to(dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = b[:, :, None, None].contiguous(memory_format=torch.channels_last)
+
+    def tensor(*shape: int, channels_last: bool = False) -> torch.Tensor:
+        t = torch.randn(*shape, device=device).to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    a, b = tensor(n, n), tensor(n, n)
+    pixels, channels = 64, 256  # 1x1: M = 64 * 64 rows; 3x3: 256 channels at 2 * pixels
+    x1 = tensor(1, n, pixels, pixels, channels_last=True)
+    w1 = tensor(n, n, 1, 1, channels_last=True)
+    x3 = tensor(1, channels, 2 * pixels, 2 * pixels, channels_last=True)
+    w3 = tensor(channels, channels, 3, 3, channels_last=True)
     sync = synchronizer(device)
     best = 0.0
     for product, flops in (
         (lambda: torch.mm(a, b), 2 * n**3),
-        (lambda: F.conv2d(x, w), 2 * pixels * pixels * n * n),
+        (lambda: F.conv2d(x1, w1), 2 * pixels**2 * n * n),
+        (lambda: F.conv2d(x3, w3, padding=1), 2 * (2 * pixels) ** 2 * channels**2 * 9),
     ):
         times, _ = time_steps(product, iters=8, warmup=2, sync=sync)
         best = max(best, flops / min(times) / 1e9)
