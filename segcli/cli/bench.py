@@ -122,4 +122,4 @@ def _print_table(report: dict, compare: bool) -> None:
         table.add_row(*cells)
     # Piped output gets a wide table instead of rich's 80 columns, which would cut the cells.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
-    print(f"memory: {first['memory_kind']}; % peak: of the measured dense peak in the variant's dtype")
+    print(f"memory: {first['memory_kind']}; % peak: of the measured dense peak, same dtype")
