@@ -1,7 +1,8 @@
 """End-to-end `seg predict` images/s on a folder of 512x512 PNGs against the model-only forward
 rate at the same batch size and precision (target: ratio >= 0.9).
 
-End to end = the predict pipeline: decoding in DataLoader workers, normalisation, forward,
+End to end = the predict pipeline: decoding (in DataLoader workers or, by default on CPUs with
+few cores, the main process), normalisation, forward,
 softmax, argmax, PNG encoding and the atomic write, on the same warmed-up model object as the
 model-only run (`model(batch)` on a ready tensor under the same autocast and memory format).
 The two are measured alternately and the best of each is kept, so other load on the machine
