@@ -111,7 +111,7 @@ def predict(
         typer.Option(
             "--compile",
             help="torch.compile the model: a one-off compile (about 20 s for DeepLabv3-ResNet50 "
-            "on 2 CPU cores) for about 1.2x faster batches; pays back over hundreds of images.",
+            "on 2 CPU cores) for 1.05-1.2x faster batches; pays back over hundreds of images.",
             rich_help_panel=RUN_PANEL,
         ),
     ] = False,
