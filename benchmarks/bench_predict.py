@@ -3,10 +3,11 @@ rate at the same batch size and precision (target: ratio >= 0.9).
 
 End to end = the predict pipeline: decoding (in DataLoader workers or, by default on CPUs with
 few cores, the main process), normalisation, forward, argmax, PNG encoding and the atomic
-write, on the same warmed-up model object as the model-only run (`model(batch)` on a ready tensor under the same autocast and memory format).
-The two are measured alternately and the best of each is kept, so other load on the machine
-hurts both alike. One cold `predict()` call (what one CLI run costs per image: the first
-batch's one-off kernel selection included, model loading excluded) is reported beside it.
+write, on the same warmed-up model object as the model-only run (`model(batch)` on a ready
+tensor under the same autocast and memory format). The two are measured alternately and the
+best of each is kept, so other load on the machine hurts both alike. One cold `predict()`
+call (what one CLI run costs per image: the first batch's one-off kernel selection included,
+model loading excluded) is reported beside it.
 
     python benchmarks/bench_predict.py [--images 32] [--batch-size 4] [--repeats 2]
 """

@@ -107,6 +107,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     # 4 straight ones exactly: weights, optimizer moments, LR and data order.
     schedule = {"deterministic": True, "scheduler": "step", "step_size": 1, "gamma": 0.5}
     Trainer(fast_config(tmp_path / "a", epochs=4, **schedule)).run()
+    assert not torch.are_deterministic_algorithms_enabled()  # handed back after the run
     Trainer(fast_config(tmp_path / "b", epochs=2, **schedule)).run()
     last = str(tmp_path / "b/run/last.safetensors")
     Trainer(fast_config(tmp_path / "b", epochs=4, resume=last, **schedule)).run()

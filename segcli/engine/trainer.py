@@ -472,10 +472,19 @@ class Trainer:
 
     def run(self) -> dict[str, Any] | None:
         """Train; returns the summary on rank 0 and None on the other ranks."""
+        # --deterministic switches process-wide torch settings: give them back afterwards, so
+        # code that trains in-process (a notebook, a test) is not left running slow kernels.
+        saved = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+        )
         try:
             return self._run()
         finally:
             shutdown_distributed(self.context)
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+            torch.backends.cudnn.benchmark = saved[2]
 
     def _run(self) -> dict[str, Any] | None:
         self._setup()
