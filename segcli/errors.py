@@ -21,6 +21,13 @@ class RuntimeFailure(SegError):
     exit_code = 1
 
 
+class ReaderGone(SegError):
+    """stdout's reader went away (`seg predict ... | head -3`): the CLI stops without a message,
+    as Unix filters do, with the status a SIGPIPE gives them (128 + 13)."""
+
+    exit_code = 141
+
+
 def choose(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> str:
     """Return `value` if it is one of `valid`, else raise a UsageError listing the valid names."""
     if value in valid:

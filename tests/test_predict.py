@@ -120,6 +120,19 @@ def test_shell_pipeline_stdout_holds_exactly_the_paths(
     assert "wrote 2 of 2" in result.stderr
 
 
+def test_closed_stdout_stops_quietly_like_a_unix_filter(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    # `true` exits at once without reading, so seg's first printed path meets a closed pipe.
+    result = run_pipeline(
+        f"{sys.executable} -m segcli predict {checkpoint} {images} --out d | true; "
+        "echo status ${PIPESTATUS[0]} >&2",
+        cwd=tmp_path,
+    )
+    assert result.stderr.strip().splitlines()[-1] == "status 141"
+    assert "error" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_corrupt_file_among_good_ones(checkpoint: Path, images: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)

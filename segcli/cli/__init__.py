@@ -11,7 +11,7 @@ from typer.exceptions import TyperException
 from segcli import __version__
 from segcli.cli import bench, check, export, params, predict, train
 from segcli.cli import eval as eval_cli
-from segcli.errors import SegError
+from segcli.errors import ReaderGone, SegError
 
 app = typer.Typer(
     name="seg",
@@ -52,6 +52,8 @@ def main() -> None:
     """Console entry point: usage and input errors become one line on stderr and exit 2."""
     try:
         code = app(standalone_mode=False)
+    except ReaderGone as error:
+        sys.exit(error.exit_code)
     except SegError as error:
         print(f"seg: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

@@ -50,7 +50,7 @@ from segcli.engine.inference import (
     probabilities_from_logits,
     sliding_window_probabilities,
 )
-from segcli.errors import RuntimeFailure, SegError, UsageError, choose
+from segcli.errors import ReaderGone, RuntimeFailure, SegError, UsageError, choose
 
 FORMATS = ("index", "color", "overlay", "prob")
 STDIN = "-"
@@ -572,9 +572,7 @@ def predict(
         # The reader went away (e.g. `| head -3`): stop quietly, like other Unix filters, and
         # keep the interpreter from complaining again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise RuntimeFailure(
-            f"stdout was closed; stopped after {summary.written} outputs"
-        ) from None
+        raise ReaderGone(f"stdout was closed after {summary.written} outputs") from None
     summary.seconds = time.perf_counter() - started
     rate = summary.written / summary.seconds if summary.seconds > 0 else 0.0
     _report(
