@@ -97,7 +97,10 @@ def model_build_config(model: nn.Module) -> dict[str, Any]:
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(temporary_path)`, then rename the file onto `path` in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # The temporary name keeps the suffix: some writers (torch.export.save) warn about others.
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
+    )
     os.close(handle)
     try:
         write(temporary)
