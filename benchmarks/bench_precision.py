@@ -18,8 +18,8 @@ import json
 import torch
 
 from segcli.data import ClassMapping, SegmentationDataset, build_loader, check_dataset
-from segcli.engine.checkpoint import load_model
-from segcli.engine.device import Precision, resolve_precision, to_device
+from segcli.engine.device import to_device
+from segcli.engine.inference import load_for_inference
 from segcli.metrics import ConfusionMatrix
 
 
@@ -32,12 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cpu = torch.device("cpu")
-    fp32 = Precision(None, channels_last=False)
-    default = resolve_precision("auto", cpu)
-    model, info = load_model(args.checkpoint, cpu)
-    fast = load_model(args.checkpoint, cpu)[0]
-    if default.channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
+    model, info, fp32 = load_for_inference(args.checkpoint, cpu, "off")
+    fast, _, default = load_for_inference(args.checkpoint, cpu, "auto")
     mapping = ClassMapping.from_dict(info.classes)
     report = check_dataset(args.data, mapping=mapping, required_splits=(args.split,))
     dataset = SegmentationDataset(

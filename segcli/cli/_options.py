@@ -107,3 +107,12 @@ Amp = Annotated[
         rich_help_panel=RUN_PANEL,
     ),
 ]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="DataLoader workers [auto: 0 on a CPU with at most 4 cores, else 2].",
+        rich_help_panel=RUN_PANEL,
+        show_default=False,
+    ),
+]

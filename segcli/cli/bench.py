@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Backbone, Classes, InChannels, Json
+from segcli.cli._options import Backbone, Classes, Device, InChannels, Json
 
 
 def bench(
@@ -20,7 +20,7 @@ def bench(
     mode: Annotated[
         str, typer.Option(help="infer (eval, no autograd) | train (forward/backward/step).")
     ] = "infer",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N] | mps.")] = "auto",
+    device: Device = "auto",
     dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")] = "fp32",
     channels_last: Annotated[
         bool, typer.Option("--channels-last", help="NHWC memory format.")
@@ -46,8 +46,9 @@ def bench(
 
     Reports images/s, latency per batch (p50/p90/p99), peak memory (CUDA max allocated, or
     process peak RSS on CPU), GFLOPs per image, achieved GFLOP/s and its fraction of the
-    device's matmul peak, which the command measures itself. With --compare: one table,
-    fastest first, with each variant's speed-up and max abs difference from eager fp32."""
+    device's dense (matmul and convolution) peak, which the command measures itself. With
+    --compare: one table, fastest first, with each variant's speed-up and max abs difference
+    from eager fp32."""
     from segcli.data import parse_size
     from segcli.engine.bench import BenchSpec, Variant, compare_matrix, run_bench
     from segcli.engine.device import resolve_device

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Json
+from segcli.cli._options import Amp, Device, Json, Workers
 
 
 def eval_command(
@@ -17,18 +17,13 @@ def eval_command(
     ] = None,
     split: Annotated[str, typer.Option(help="val | test | train.")] = "val",
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
-    amp: Annotated[str, typer.Option(help="auto | bf16 | fp16 | off.")] = "auto",
+    device: Device = "auto",
+    amp: Amp = "auto",
     full_res: Annotated[
         bool, typer.Option("--full-res", help="Score at each image's original size.")
     ] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average flipped predictions.")] = False,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            min=0, help="DataLoader workers [auto: 0 on a CPU with at most 4 cores, else 2]."
-        ),
-    ] = None,
+    workers: Workers = None,
     compile_model: Annotated[
         bool,
         typer.Option("--compile", help="torch.compile the model (pays back on large splits)."),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Amp, Device
+from segcli.cli._options import Amp, Device, Workers
 
 OUTPUT_PANEL = "Output"
 RUN_PANEL = "Run"
@@ -96,14 +96,7 @@ def predict(
             "--batch-size", help="Images (or windows) per forward.", rich_help_panel=RUN_PANEL
         ),
     ] = 4,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="DataLoader decoding workers [auto: 0 on a CPU with at most 4 cores, else 2].",
-            rich_help_panel=RUN_PANEL,
-            show_default=False,
-        ),
-    ] = None,
+    workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
     compile_model: Annotated[

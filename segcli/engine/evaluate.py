@@ -95,17 +95,12 @@ def evaluate_checkpoint(
         image_sizes,
         mock_root,
     )
-    from segcli.engine.checkpoint import load_model
-    from segcli.engine.device import compiled, data_workers, resolve_device, resolve_precision
+    from segcli.engine.device import data_workers, resolve_device
+    from segcli.engine.inference import load_for_inference
     from segcli.errors import UsageError
 
     device = resolve_device(device_name)
-    precision = resolve_precision(amp, device)
-    model, info = load_model(checkpoint, device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model = compiled(model)
+    model, info, precision = load_for_inference(checkpoint, device, amp, compile)
     mapping = ClassMapping.from_dict(info.classes)
     report = check_dataset(data or mock_root(), mapping=mapping, required_splits=(split,))
     if split not in report.info.splits:

@@ -34,19 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from segcli.engine.checkpoint import CheckpointInfo, load_model
+from segcli.engine.checkpoint import CheckpointInfo
 from segcli.engine.device import (
     Precision,
-    compiled,
     data_workers,
     resolve_device,
-    resolve_precision,
     to_device,
 )
 from segcli.engine.inference import (
     class_probabilities,
     labels_from_logits,
     labels_from_probabilities,
+    load_for_inference,
     probabilities_from_logits,
     sliding_window_probabilities,
 )
@@ -380,13 +379,7 @@ def load_predictor(
 
         model, info = load_onnx(checkpoint, device)
         return model, info, Precision(None, channels_last=False)
-    precision = resolve_precision(amp, device)
-    model, info = load_model(checkpoint, device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model = compiled(model)
-    return model, info, precision
+    return load_for_inference(checkpoint, device, amp, compile)
 
 
 class Predictor:
