@@ -126,3 +126,43 @@ def test_cgm_switches_off_absent_foreground_classes_only():
 def test_invalid_models_raise_usage_errors(arch, backbone, options, fragment):
     with pytest.raises(UsageError, match=fragment):
         build_model(arch, backbone, **options)
+
+
+@pytest.mark.parametrize("backbone", ["none", "resnet18"])
+def test_decoder_upsampling_keeps_the_deep_path_at_the_skip_scale(backbone):
+    # PyTorch's default init shrank every transposed conv's output to about 0.3x the skip it is
+    # concatenated with, so the deep (semantic) path entered each decoder level attenuated and
+    # training learnt slowly. He init keeps the two within a factor of 2 at every level.
+    torch.manual_seed(0)
+    model = build_model("unet", backbone, 3, 4).train()
+    ratios = []
+
+    def record(block, inputs, output):
+        deep, skip = inputs
+        ratios.append(block.up(deep, size=skip.shape[-2:]).std().item() / skip.std().item())
+
+    hooks = [block.register_forward_hook(record) for block in model.decoder]
+    model(torch.randn(2, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    assert len(ratios) == 4
+    assert all(0.5 < ratio < 2.0 for ratio in ratios), ratios
+
+
+def test_decoder_channels_build_the_lighter_decoder_they_name():
+    # Count of a ResUNet18 with decoder widths 256,128,64,32 from SPEC.md's formulas: the
+    # encoder's 11,176,512 minus fc (513,000), the transposed convs, DoubleConvs and head.
+    def double_conv(c_in, c_out):
+        return 9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out
+
+    encoder = 11_689_512 - 513_000
+    widths, skips = (256, 128, 64, 32), (256, 128, 64, 64)
+    decoder, previous = 0, 512
+    for width, skip in zip(widths, skips, strict=True):
+        decoder += previous * width * 4 + double_conv(width + skip, width)
+        previous = width
+    head = 32 * 16 * 4 + 16 + 16 * 1
+    light = build_on_meta("unet", "resnet18", 3, 1, decoder_channels="256,128,64,32")
+    assert count_parameters(light) == encoder + decoder + head
+    with pytest.raises(UsageError, match="--decoder-channels"):
+        build_model("unet", "resnet18", decoder_channels="256,128,64")

@@ -57,6 +57,33 @@ def test_each_optimizer_and_its_hyperparameters():
     assert build_optimizer(model, "rmsprop", lr=0.01, momentum=0.5).defaults["momentum"] == 0.5
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_step_equals_torch_reference_step(name: str) -> None:
+    # Catches a fused optimizer built with other hyper-parameters, or a fused path that updates
+    # differently from torch's default per-parameter implementation.
+    torch.manual_seed(0)
+    model = small_model()
+    reference = small_model()
+    reference.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, name, lr=0.01, weight_decay=0.1, momentum=0.8)
+    assert optimizer.defaults.get("fused") is True  # the CPU has the fused kernels
+    groups = [
+        {"params": list(g["params"]), "weight_decay": g["weight_decay"]}
+        for g in build_optimizer(reference, "sgd", lr=1, weight_decay=0.1).param_groups
+    ]
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    extra = {"momentum": 0.8} if name == "sgd" else {}
+    plain = kind(groups, lr=0.01, foreach=False, **extra)
+    for _ in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        for net, opt in ((model, optimizer), (reference, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for fused_p, plain_p in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(fused_p, plain_p, rtol=1e-5, atol=1e-6)
+
+
 def test_optimizer_usage_errors():
     model = small_model()
     with pytest.raises(UsageError, match="valid: sgd, adam, adamw, rmsprop"):

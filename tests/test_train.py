@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from segcli.engine.checkpoint import load_model, read_checkpoint
 from segcli.engine.config import TrainConfig
+from segcli.engine.optim import build_optimizer, build_scheduler
+from segcli.engine.state import load_training_state
 from segcli.engine.trainer import Trainer
 from segcli.errors import RuntimeFailure, UsageError
 
@@ -118,6 +120,58 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     lines = (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    # The resumed session's wall-clock continues the first one's instead of restarting at 0.
+    walls = [json.loads(line)["wall_seconds"] for line in lines]
+    assert walls == sorted(walls) and walls[2] > walls[1] > 0
+
+
+class SteppedClock:
+    """time.perf_counter plus `step` seconds for every training epoch begun, so each 32x32
+    epoch costs about `step` seconds of wall-clock whatever the machine's speed."""
+
+    def __init__(self, step: float) -> None:
+        self.step, self.offset = step, 0.0
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.offset
+
+
+def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monkeypatch):
+    # Catches a time limit that is ignored (all 50 epochs run), one that overruns the budget,
+    # or a schedule left unplanned (the cosine would still be near its peak at the end).
+    import segcli.engine.trainer as trainer_module
+
+    clock = SteppedClock(100.0)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    train_epoch = Trainer._train_epoch
+
+    def slow_epoch(self, epoch, stop):
+        clock.offset += clock.step
+        return train_epoch(self, epoch, stop)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", slow_epoch)
+    Trainer(fast_config(tmp_path, epochs=50, time_limit=10.0, previews=0)).run()
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert 4 <= len(records) <= 5  # 600 s at about 100 s an epoch
+    assert records[-1]["wall_seconds"] <= 10 * 60
+    state = load_training_state(tmp_path / "run/last.state.safetensors")
+    assert state["planned_epochs"] == len(records)
+    # The planned cosine ends with the run: the last epoch ends far below the peak lr (1e-3).
+    assert records[-1]["lr"] < 0.2e-3
+
+
+def test_plan_epochs_moves_the_end_of_a_cosine():
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, "sgd", lr=1.0)
+    schedule = build_scheduler(optimizer, "cosine", epochs=10, steps_per_epoch=3)
+    for _ in range(3):
+        schedule.step_iteration()
+    schedule.plan_epochs(2)  # 3 of 6 iterations done: halfway, lr = 0.5
+    assert schedule.current_lr() == pytest.approx(0.5)
+    for _ in range(3):
+        schedule.step_iteration()
+    assert schedule.current_lr() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -210,6 +264,8 @@ def test_config_file_and_flags_merge_with_flags_winning(seg, tmp_path):
         (["train", "unet", "--loss", "hinge"], "hinge"),
         (["train", "unet", "--data", "/no/such/dir"], "/no/such/dir"),
         (["train", "unet", "--epochs", "0"], "--epochs"),
+        (["train", "unet", "--time-limit", "0"], "--time-limit"),
+        (["train", "unet", "--decoder-channels", "256,128"], "--decoder-channels"),
         (["train", "unet", "--config", "/no/such.toml"], "such.toml"),
         (["eval", "/no/such.safetensors", "--batch-size", "2"], "no such checkpoint"),
     ],

@@ -88,6 +88,13 @@ FcWidth = Annotated[
     int | None,
     typer.Option(help="FCN on VGG: fc6/fc7 width [4096].", rich_help_panel=MODEL_PANEL),
 ]
+DecoderChannels = Annotated[
+    str | None,
+    typer.Option(
+        help="UNet decoder widths, deep to shallow, e.g. 256,128,64,32 [published 512,256,128,64].",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 

@@ -13,6 +13,7 @@ from segcli.cli._options import (
     Backbone,
     Cgm,
     Classes,
+    DecoderChannels,
     DeepSupervision,
     Down,
     FcWidth,
@@ -41,6 +42,7 @@ def params(
     aux: Aux = None,
     stride: Stride = None,
     fc_width: FcWidth = None,
+    decoder_channels: DecoderChannels = None,
     flops: Annotated[bool, typer.Option("--flops", help="Add forward GFLOPs per image.")] = False,
     size: Annotated[str, typer.Option(help="Input size for --flops: N or HxW.")] = "512",
     json_output: Json = False,
@@ -67,6 +69,7 @@ def params(
         aux=aux,
         stride=stride,
         fc_width=fc_width,
+        decoder_channels=decoder_channels,
     )
     if arch is None:
         if backbone is not None or options:

@@ -13,6 +13,7 @@ from segcli.cli._options import (
     Aux,
     Backbone,
     Cgm,
+    DecoderChannels,
     DeepSupervision,
     Down,
     FcWidth,
@@ -44,6 +45,7 @@ def train(
     aux: Aux = None,
     stride: Stride = None,
     fc_width: FcWidth = None,
+    decoder_channels: DecoderChannels = None,
     pretrained: Annotated[
         bool | None,
         _opt("ImageNet weights for the backbone.", "Model", "--pretrained/--no-pretrained"),
@@ -106,6 +108,14 @@ def train(
     patience: Annotated[
         int | None, _opt("Early stop after N epochs without gain [0=off].", OPT)
     ] = None,
+    time_limit: Annotated[
+        float | None,
+        _opt(
+            "Wall-clock budget in minutes: plans the epochs that fit (at most --epochs) and "
+            "ends the poly/cosine schedule there.",
+            OPT,
+        ),
+    ] = None,
     device: Annotated[str | None, _opt("auto | cpu | cuda | mps [auto].", RUN)] = None,
     amp: Annotated[str | None, _opt("auto | bf16 | fp16 | off [auto].", RUN)] = None,
     channels_last: Annotated[
@@ -158,6 +168,7 @@ def train(
             "aux",
             "stride",
             "fc_width",
+            "decoder_channels",
         )
     }
     flags["model_options"] = {k: v for k, v in options.items() if v is not None}

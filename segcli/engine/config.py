@@ -69,6 +69,7 @@ class TrainConfig:
     out: str | None = None  # None: runs/<arch>-<backbone>, numbered if taken
     resume: str | None = None
     patience: int = 0  # epochs without val mIoU gain before stopping; 0 = never
+    time_limit: float | None = None  # minutes of wall-clock; the schedule is planned to fit
     previews: int = 4
 
     def validate(self) -> None:
@@ -84,6 +85,10 @@ class TrainConfig:
             raise UsageError(f"--lr must be positive, not {self.lr}")
         if (self.workers is not None and self.workers < 0) or self.patience < 0:
             raise UsageError("--workers and --patience must not be negative")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UsageError(
+                f"--time-limit must be a positive number of minutes, not {self.time_limit}"
+            )
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
 

@@ -89,12 +89,37 @@ def build_optimizer(
         raise UsageError("--nesterov applies to --optimizer sgd with --momentum > 0 only")
     groups = parameter_groups(model, weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return _fused(torch.optim.SGD, groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return _fused(torch.optim.Adam, groups, lr=lr)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return _fused(torch.optim.AdamW, groups, lr=lr)
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
+
+
+def _fused(
+    optimizer: type[torch.optim.Optimizer], groups: list[dict[str, object]], **options: object
+) -> torch.optim.Optimizer:
+    """The fused (one kernel for all parameters) form where this torch and device have it: on
+    CPU the default per-parameter AdamW step took about 10% of a ResUNet18 training step, fused
+    about 2% (same update; `tests/test_optim.py` compares them)."""
+    try:
+        return optimizer(groups, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return optimizer(groups, **options)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, then each per-parameter tensor laid out like its
+    parameter: the saved moments are contiguous, and fused kernels read moments and
+    channels_last parameters element by element in memory order, so a layout mismatch would
+    pair the wrong elements (a resumed run would silently diverge)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
+                    optimizer.state[parameter][key] = torch.empty_like(parameter).copy_(value)
 
 
 class LRSchedule:
@@ -117,6 +142,7 @@ class LRSchedule:
     ) -> None:
         self.optimizer = optimizer
         self.name = name
+        self.steps_per_epoch = steps_per_epoch
         self.total_iterations = epochs * steps_per_epoch
         self.warmup_iterations = round(warmup_epochs * steps_per_epoch)
         self.step_size = step_size
@@ -135,6 +161,12 @@ class LRSchedule:
     def step_iteration(self) -> None:
         """Call after every optimizer step."""
         self.iteration += 1
+        self._apply()
+
+    def plan_epochs(self, epochs: int) -> None:
+        """Re-plan poly/cosine to end after `epochs` epochs (a time limit decides how many fit);
+        the lr follows the new curve from the current iteration on."""
+        self.total_iterations = epochs * self.steps_per_epoch
         self._apply()
 
     def step_epoch(self, val_miou: float | None = None) -> None:

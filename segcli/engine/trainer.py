@@ -41,6 +41,7 @@ from segcli.engine.distributed import (
     shutdown_distributed,
 )
 from segcli.engine.evaluate import evaluate
+from segcli.engine.optim import load_optimizer_state
 from segcli.engine.progress import Reporter
 from segcli.engine.report import append_jsonl, plot_curves, read_jsonl, save_preview
 from segcli.engine.state import load_training_state, save_training_state, state_path_for
@@ -310,6 +311,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
 
         self.start_epoch, self.best_miou, self.best_epoch, self.bad_epochs = 0, -1.0, 0, 0
+        # Wall-clock of earlier sessions of this run (resume) and the epochs a time limit plans.
+        self.wall_before, self.planned_epochs = 0.0, config.epochs
         if config.resume:
             self.out = Path(config.resume).parent
             self._restore(resume_state)
@@ -327,7 +330,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         weights, _ = read_checkpoint(self.config.resume)
         self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -335,6 +338,12 @@ class Trainer:
         self.best_miou = float(state["best_miou"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+        self.wall_before = float(state.get("wall_seconds", 0.0))
+        if self.config.time_limit:
+            self.planned_epochs = min(
+                self.config.epochs, int(state.get("planned_epochs", 0)) or self.config.epochs
+            )
+            self.scheduler.plan_epochs(self.planned_epochs)
         if self.start_epoch >= self.config.epochs:
             raise UsageError(
                 f"--resume: the run already finished {self.start_epoch} epochs; raise --epochs "
@@ -367,6 +376,8 @@ class Trainer:
             "best_miou": self.best_miou,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            "wall_seconds": record["wall_seconds"],
+            "planned_epochs": self.planned_epochs,
         }
         save_training_state(self.out / "last.state.safetensors", state)
         if best:
@@ -501,9 +512,12 @@ class Trainer:
             )
         scored = max(self.data.model_classes, 2)
         stopped_early = False
+        session_start = time.perf_counter()
         with stop_on_signals() as stop:
             try:
                 for epoch in range(self.start_epoch, config.epochs):
+                    if epoch >= self.planned_epochs:
+                        break
                     train_loss, seconds, rate = self._train_epoch(epoch, stop)
                     if context.enabled:
                         # Ranks end the epoch with their own BatchNorm statistics; score and save
@@ -536,7 +550,10 @@ class Trainer:
                         "val": result.metrics,
                         "seconds": seconds,
                         "images_per_second": rate,
+                        "wall_seconds": self.wall_before + time.perf_counter() - session_start,
                     }
+                    if config.time_limit:
+                        self._plan_to_time_limit(epoch + 1, record["wall_seconds"], session_start)
                     if context.is_main:
                         self._save(epoch + 1, record, improved)
                         self.reporter.epoch_end(record, improved)
@@ -552,6 +569,33 @@ class Trainer:
             return None
         self._save_previews()
         return self._summary(stopped_early)
+
+    def _plan_to_time_limit(self, done: int, wall_seconds: float, session_start: float) -> None:
+        """Plan as many epochs as fit in `--time-limit` at this session's mean epoch cost
+        (training, validation and checkpoints), and end poly/cosine schedules there: the run
+        finishes within the limit with its learning rate annealed. Ranks agree on rank 0's
+        plan."""
+        epochs_this_session = done - self.start_epoch
+        cost = (time.perf_counter() - session_start) / max(epochs_this_session, 1)
+        remaining = self.config.time_limit * 60 - wall_seconds
+        planned = min(self.config.epochs, done + max(0, math.floor(remaining / cost)))
+        if self.context.enabled:
+            plan = torch.tensor([planned], device=self.device)
+            torch.distributed.broadcast(plan, src=0)
+            planned = int(plan.item())
+        if planned != self.planned_epochs:
+            self.planned_epochs = planned
+            self.scheduler.plan_epochs(planned)
+            if planned > done:
+                self.reporter.log(
+                    f"time limit {self.config.time_limit:g} min: planning {planned} epochs "
+                    f"({cost:.0f} s each)"
+                )
+            else:
+                self.reporter.log(
+                    f"time limit {self.config.time_limit:g} min: stopping after epoch {done}; "
+                    "another epoch would not fit"
+                )
 
     def _summary(self, stopped_early: bool) -> dict[str, Any]:
         records = read_jsonl(self.out / "metrics.jsonl")

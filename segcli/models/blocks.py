@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def he_init(*modules: nn.Module) -> None:
+    """He initialisation for the layers segcli builds itself (torchvision already initialises
+    its encoders so): convolutions get kaiming-uniform with fan-in for ReLU, and transposed
+    convolutions a normal of variance 1 / (taps per output pixel), so upsampled deep features
+    enter each concatenation at the scale of the skip beside them. PyTorch's default
+    (kaiming-uniform with a = sqrt(5), fan-in counted on the wrong axis for transposed
+    convolutions) shrank the deep path at every decoder level: a ResUNet18 learnt a third
+    slower per epoch on stanford_background (README, "Accuracy per CPU-minute")."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, nn.ConvTranspose2d):
+                kernel_h, kernel_w = layer.kernel_size
+                stride_h, stride_w = layer.stride
+                taps = layer.in_channels // layer.groups
+                taps *= max(1, kernel_h // stride_h) * max(1, kernel_w // stride_w)
+                nn.init.normal_(layer.weight, 0.0, math.sqrt(1.0 / taps))
+            elif isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_uniform_(layer.weight, mode="fan_in", nonlinearity="relu")
+            else:
+                continue
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 def conv_bn_relu(

@@ -13,7 +13,7 @@ from torchvision import models as tvm
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from segcli.errors import UsageError
-from segcli.models.blocks import DoubleConv
+from segcli.models.blocks import DoubleConv, he_init
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = tuple(f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn"))
@@ -52,6 +52,7 @@ class PlainUNetEncoder(nn.Module):
                     self.downs.append(nn.MaxPool2d(2))
             self.stages.append(DoubleConv(previous, width))
             previous = width
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [self.stages[0](x)]

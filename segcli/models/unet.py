@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from segcli.errors import choose
+from segcli.errors import UsageError, choose
 from segcli.models.attention import ATTENTION_KINDS, attention_block
 from segcli.models.base import SegmentationModel
-from segcli.models.blocks import DoubleConv, SegmentationHead, Upsample2x
+from segcli.models.blocks import DoubleConv, SegmentationHead, Upsample2x, he_init
 from segcli.models.encoders import DOWNSAMPLING, ENCODERS, build_encoder
 from segcli.models.registry import register_model
 
+# The published decoder (SPEC.md section 1); `decoder_channels` trades it for a lighter one.
 DECODER_WIDTHS = (512, 256, 128, 64)
 UPSAMPLING = ("transpose", "bilinear")
+
+
+def parse_decoder_channels(value: str | Sequence[int] | None) -> tuple[int, int, int, int]:
+    """`--decoder-channels`: four widths, deep to shallow, as "256,128,64,32" or a sequence;
+    None is the published 512,256,128,64."""
+    if value is None:
+        return DECODER_WIDTHS
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 4 or any(w < 2 or w % 2 for w in widths):
+        raise UsageError(
+            f"--decoder-channels '{text}': give four even widths, deep to shallow, "
+            "e.g. 256,128,64,32 (published: 512,256,128,64)"
+        )
+    return widths  # type: ignore[return-value]
 
 
 class DecoderBlock(nn.Module):
@@ -43,6 +64,7 @@ class UNet(SegmentationModel):
         attention: str = "none",
         pretrained: bool = False,
         backbone_weights: str | None = None,
+        decoder_channels: Sequence[int] = DECODER_WIDTHS,
     ) -> None:
         choose("--up", up, UPSAMPLING)
         choose("--attention", attention, ATTENTION_KINDS)
@@ -56,12 +78,14 @@ class UNet(SegmentationModel):
         super().__init__(size_divisor=encoder.reductions[-1])
         self.encoder = encoder
         skips = encoder.out_channels[-2::-1]
-        widths_in = [encoder.out_channels[-1], *DECODER_WIDTHS[:-1]]
+        widths = list(decoder_channels)
+        widths_in = [encoder.out_channels[-1], *widths[:-1]]
         self.decoder = nn.ModuleList(
             DecoderBlock(w_in, skip, w_out, up, attention)
-            for w_in, skip, w_out in zip(widths_in, skips, DECODER_WIDTHS, strict=True)
+            for w_in, skip, w_out in zip(widths_in, skips, widths, strict=True)
         )
-        self.head = SegmentationHead(DECODER_WIDTHS[-1], classes, encoder.reductions[0])
+        self.head = SegmentationHead(widths[-1], classes, encoder.reductions[0])
+        he_init(self.decoder, self.head)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
@@ -87,8 +111,21 @@ def unet(
     attention: str = "none",
     pretrained: bool = False,
     backbone_weights: str | None = None,
+    decoder_channels: str | None = None,
 ) -> UNet:
     """UNet. `up`: transpose | bilinear; `down`: maxpool | conv (UNet-2, plain encoder only);
-    `attention`: none | cbam | self after each decoder block."""
+    `attention`: none | cbam | self after each decoder block; `decoder_channels`: the four
+    decoder widths, deep to shallow (None: the published 512,256,128,64)."""
     choose("--down", down, DOWNSAMPLING)
-    return UNet(backbone, in_channels, classes, up, down, attention, pretrained, backbone_weights)
+    widths = parse_decoder_channels(decoder_channels)
+    return UNet(
+        backbone,
+        in_channels,
+        classes,
+        up,
+        down,
+        attention,
+        pretrained,
+        backbone_weights,
+        widths,
+    )

@@ -10,7 +10,7 @@ from torch import nn
 from segcli.errors import choose
 from segcli.models.attention import ATTENTION_KINDS, attention_block
 from segcli.models.base import ModelOutput, SegmentationModel
-from segcli.models.blocks import SegmentationHead, conv_bn_relu, resize_to
+from segcli.models.blocks import SegmentationHead, conv_bn_relu, he_init, resize_to
 from segcli.models.encoders import ENCODERS, build_encoder
 from segcli.models.registry import register_model
 
@@ -72,6 +72,7 @@ class UNet3Plus(SegmentationModel):
             channels += [fused] * (levels - 2 - level) + [encoder.out_channels[-1]]
             self.stages.append(FullScaleStage(level, channels, attention))
         self.head = SegmentationHead(fused, classes, encoder.reductions[0])
+        he_init(self.stages, self.head)
         if deep_supervision:
             side = [fused] * (levels - 2) + [encoder.out_channels[-1]]
             self.side_heads = nn.ModuleList(nn.Conv2d(c, classes, 3, padding=1) for c in side)

@@ -8,7 +8,7 @@ from torch import nn
 from segcli.errors import choose
 from segcli.models.attention import ATTENTION_KINDS, attention_block
 from segcli.models.base import ModelOutput, SegmentationModel
-from segcli.models.blocks import DoubleConv, SegmentationHead, Upsample2x
+from segcli.models.blocks import DoubleConv, SegmentationHead, Upsample2x, he_init
 from segcli.models.encoders import ENCODERS, build_encoder
 from segcli.models.registry import register_model
 from segcli.models.unet import DECODER_WIDTHS, UPSAMPLING
@@ -68,6 +68,7 @@ class UNetPlusPlus(SegmentationModel):
             SegmentationHead(LEVEL_WIDTHS[0], classes, encoder.reductions[0])
             for _ in range(head_count)
         )
+        he_init(self.nodes, self.heads)
 
     def forward_padded(self, x: torch.Tensor) -> ModelOutput:
         features = self.encoder(x)

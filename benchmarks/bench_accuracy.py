@@ -1,0 +1,334 @@
+"""Accuracy per CPU-minute: `seg train unet --backbone resnet18` against a bare
+segmentation_models_pytorch loop on the same data, host and wall-clock budget.
+
+    pip install segmentation-models-pytorch      # benchmark-only; never a segcli dependency
+    python benchmarks/bench_accuracy.py --data ../shared/data/stanford_background --minutes 30
+
+The two run one after the other (never together: each wants every core). Both get the
+budget and nothing else about the data:
+
+- segcli: `seg train unet --backbone resnet18 --data DATA --size SIZE --time-limit MINUTES`
+  (every other flag at its default; `--segcli-args` adds more), as a subprocess, exactly as a
+  user runs it. Its curve is read from the run's metrics.jsonl (`wall_seconds` of each epoch).
+- smp: `smp.Unet("resnet18", encoder_weights=None)`, the loop the issue describes: AdamW lr 1e-3,
+  weight decay 1e-2, cosine over the budget (by elapsed time), CE + 0.5 soft Dice (smp's
+  DiceLoss, ignore 255), hflip + random scale 0.75-1.25 + crop (padding ignored), batch 8,
+  fp32 in channels_last, data in the main process, validated after every epoch.
+
+Both stop when the next epoch would overrun the budget and are scored the same way: val images
+resized (antialiased bilinear) to SIZE, masks resized nearest, one confusion matrix over the split,
+mIoU over classes present in target or prediction. The report gives the best val mIoU each had
+reached at every 10 minutes, writes `accuracy.json` and `accuracy.png` (both curves against
+minutes) to `--out`. Run it on an otherwise idle machine and name the CPU beside its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+IGNORE = 255
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has native bf16, for the report's header."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
+    kind = "AVX512-BF16" if "avx512_bf16" in info else ("AVX2" if "avx2" in info else "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {kind}"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    return int(height), int(width or height)
+
+
+# -- the bare smp loop ------------------------------------------------------------------------
+def pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    masks = {p.stem: p for p in (root / split / "masks").iterdir()}
+    images = sorted(
+        p for p in (root / split / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    return [(image, masks[image.stem]) for image in images if image.stem in masks]
+
+
+def load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    mask = np.asarray(Image.open(mask_path))
+    return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(mask.astype(np.int64))
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]):
+    image = F.interpolate(
+        image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return image, mask
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    return (image / 255 - MEAN) / STD
+
+
+def train_sample(image, mask, size, generator):
+    """hflip + random scale 0.75-1.25 of the training size + a random crop of it."""
+    scale = 0.75 + 0.5 * torch.rand((), generator=generator).item()
+    scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+    image, mask = resize_pair(image, mask, scaled)
+    pad_h, pad_w = max(0, size[0] - scaled[0]), max(0, size[1] - scaled[1])
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+        mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE)
+    top = int(torch.randint(0, image.shape[1] - size[0] + 1, (), generator=generator))
+    left = int(torch.randint(0, image.shape[2] - size[1] + 1, (), generator=generator))
+    image = image[:, top : top + size[0], left : left + size[1]]
+    mask = mask[top : top + size[0], left : left + size[1]]
+    if torch.rand((), generator=generator).item() < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    return normalise(image), mask
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
+    valid = target != IGNORE
+    index = target[valid] * classes + pred[valid]
+    return torch.bincount(index, minlength=classes * classes).reshape(classes, classes)
+
+
+def mean_iou(matrix: torch.Tensor) -> float:
+    matrix = matrix.double()
+    tp = matrix.diag()
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    present = union > 0
+    return float((tp[present] / union[present]).mean())
+
+
+def validate(model, val_set, classes: int, batch: int) -> float:
+    model.eval()
+    matrix = torch.zeros(classes, classes, dtype=torch.int64)
+    with torch.inference_mode():
+        for start in range(0, len(val_set), batch):
+            chunk = val_set[start : start + batch]
+            images = torch.stack([image for image, _ in chunk]).contiguous(
+                memory_format=torch.channels_last
+            )
+            masks = torch.stack([mask for _, mask in chunk])
+            matrix += confusion(model(images).argmax(1), masks, classes)
+    model.train()
+    return mean_iou(matrix)
+
+
+def run_smp(args: argparse.Namespace, classes: int) -> list[dict]:
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    size = parse_size(args.size)
+    train_pairs = pairs(args.data, "train")
+    val_set = [
+        tuple(map(lambda t: t, resize_pair(*load_pair(*p), size))) for p in pairs(args.data, "val")
+    ]
+    val_set = [(normalise(image), mask) for image, mask in val_set]
+    model = smp.Unet("resnet18", encoder_weights=None, classes=classes)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    dice = smp.losses.DiceLoss("multiclass", from_logits=True, ignore_index=IGNORE)
+    budget = args.minutes * 60
+    started = time.perf_counter()
+    curve: list[dict] = []
+    epoch_seconds: list[float] = []
+    epoch = 0
+    while True:
+        epoch_start = time.perf_counter()
+        order = torch.randperm(len(train_pairs), generator=generator).tolist()
+        for start in range(0, len(order) - args.batch_size + 1, args.batch_size):
+            samples = [
+                train_sample(*load_pair(*train_pairs[i]), size, generator)
+                for i in order[start : start + args.batch_size]
+            ]
+            images = torch.stack([s[0] for s in samples]).contiguous(
+                memory_format=torch.channels_last
+            )
+            masks = torch.stack([s[1] for s in samples])
+            progress = min(1.0, (time.perf_counter() - started) / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * progress))
+            logits = model(images)
+            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE) + 0.5 * dice(logits, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        epoch += 1
+        miou = validate(model, val_set, classes, args.batch_size)
+        elapsed = time.perf_counter() - started
+        epoch_seconds.append(time.perf_counter() - epoch_start)
+        curve.append({"epoch": epoch, "minutes": elapsed / 60, "miou": miou})
+        print(f"smp    epoch {epoch}: {elapsed / 60:5.1f} min, val mIoU {miou:.4f}", flush=True)
+        if elapsed + epoch_seconds[-1] > budget:
+            return curve
+
+
+# -- segcli, as a user runs it ----------------------------------------------------------------
+def run_segcli(args: argparse.Namespace) -> list[dict]:
+    out = args.out / "segcli-run"
+    command = [
+        sys.executable,
+        "-m",
+        "segcli",
+        "train",
+        "unet",
+        "--backbone",
+        "resnet18",
+        "--data",
+        str(args.data),
+        "--size",
+        args.size,
+        "--time-limit",
+        str(args.minutes),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+        *shlex.split(args.segcli_args),
+    ]
+    print("segcli:", " ".join(command[2:]), flush=True)
+    if out.exists():
+        for path in out.iterdir():
+            path.unlink()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [
+        {"epoch": r["epoch"], "minutes": r["wall_seconds"] / 60, "miou": r["val"]["miou"]}
+        for r in records
+    ]
+    for point in curve:
+        print(
+            f"segcli epoch {point['epoch']}: {point['minutes']:5.1f} min, "
+            f"val mIoU {point['miou']:.4f}",
+            flush=True,
+        )
+    return curve
+
+
+def best_by(curve: list[dict], minutes: float) -> float | None:
+    reached = [p["miou"] for p in curve if p["minutes"] <= minutes + 1e-9]
+    return max(reached) if reached else None
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    width, height, margin = 760, 420, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    minutes = max(p["minutes"] for c in curves.values() for p in c)
+    values = [p["miou"] for c in curves.values() for p in c]
+    low, high = math.floor(min(values) * 20) / 20, math.ceil(max(values) * 20) / 20
+    box = (margin, 30, width - 20, height - margin)
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((margin, 10), title, fill=(0, 0, 0))
+
+    def xy(m: float, v: float) -> tuple[float, float]:
+        x = box[0] + (box[2] - box[0]) * m / minutes
+        return x, box[3] - (box[3] - box[1]) * (v - low) / max(high - low, 1e-9)
+
+    for tick in range(0, int(minutes) + 1, 5):
+        x, _ = xy(tick, low)
+        draw.line((x, box[3], x, box[3] + 4), fill=(0, 0, 0))
+        draw.text((x - 6, box[3] + 8), str(tick), fill=(0, 0, 0))
+    draw.text(((box[0] + box[2]) // 2 - 20, height - 24), "minutes", fill=(0, 0, 0))
+    steps = round((high - low) / 0.05)
+    for i in range(steps + 1):
+        value = low + i * 0.05
+        _, y = xy(0, value)
+        draw.text((8, y - 6), f"{value:.2f}", fill=(0, 0, 0))
+    colours = {"segcli": (214, 39, 40), "smp": (31, 119, 180)}
+    for index, (name, curve) in enumerate(curves.items()):
+        points = [xy(p["minutes"], p["miou"]) for p in curve]
+        colour = colours.get(name, (44, 160, 44))
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.text((box[0] + 10 + 110 * index, box[1] + 8), f"{name} val mIoU", fill=colour)
+    image.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/stanford_background"))
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--size", default="256")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="smp loop batch (segcli: default)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/accuracy"))
+    parser.add_argument("--only", choices=("segcli", "smp"))
+    parser.add_argument("--segcli-args", default="", help="extra seg train flags, quoted")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    from segcli.data import check_dataset
+
+    classes = check_dataset(args.data).mapping.num_classes
+    report_path = args.out / "accuracy.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report.update(
+        {
+            "cpu": cpu_name(),
+            "data": str(args.data),
+            "minutes": args.minutes,
+            "size": args.size,
+            "torch": torch.__version__,
+        }
+    )
+    curves = report.setdefault("curves", {})
+    if args.only in (None, "segcli"):
+        curves["segcli"] = run_segcli(args)
+    if args.only in (None, "smp"):
+        curves["smp"] = run_smp(args, classes)
+    marks = list(range(10, int(args.minutes) + 1, 10)) or [args.minutes]
+    report["best_by_minute"] = {
+        str(m): {name: best_by(curve, m) for name, curve in curves.items()} for m in marks
+    }
+    report_path.write_text(json.dumps(report, indent=2))
+    if len(curves) == 2:
+        plot(
+            curves,
+            args.out / "accuracy.png",
+            f"{args.data.name}, {args.size}: val mIoU vs wall-clock ({report['cpu']})",
+        )
+    print(f"\n{report['cpu']}; {args.data.name} at {args.size}; budget {args.minutes:g} min")
+    print("minutes  " + "  ".join(f"{name:>8}" for name in curves))
+    for m, row in report["best_by_minute"].items():
+        cells = ["   n/a  " if v is None else f"{v:8.4f}" for v in row.values()]
+        print(f"{m:>7}  " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
