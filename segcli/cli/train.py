@@ -78,7 +78,9 @@ def train(
     epochs: Annotated[int | None, _opt("Epochs [50].", OPT)] = None,
     batch_size: Annotated[int | None, _opt("Batch size [8].", OPT)] = None,
     lr: Annotated[float | None, _opt("Learning rate [1e-3].", OPT)] = None,
-    loss: Annotated[str | None, _opt("Loss, e.g. ce, dice+ce, 0.5*focal+dice [ce].", OPT)] = None,
+    loss: Annotated[
+        str | None, _opt("Loss, e.g. ce, dice+ce, 0.5*focal+dice [ce+0.5*dice].", OPT)
+    ] = None,
     class_weights: Annotated[str | None, _opt("wce weights: 1,2,5 or auto.", OPT)] = None,
     focal_gamma: Annotated[float | None, _opt("Focal gamma [2].", OPT)] = None,
     focal_alpha: Annotated[float | None, _opt("Focal alpha.", OPT)] = None,

@@ -47,7 +47,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     step_size: int = 30
     gamma: float = 0.1
-    loss: str = "ce"
+    loss: str = "ce+0.5*dice"
     class_weights: str | None = None  # "1,2,5" or "auto"
     focal_gamma: float = 2.0
     focal_alpha: float | None = None
