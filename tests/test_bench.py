@@ -86,3 +86,15 @@ def test_bad_spec_raises_before_work() -> None:
     spec = bench_engine.BenchSpec(**{**TINY.__dict__, "mode": "serve"})
     with pytest.raises(UsageError, match="--mode"):
         bench_engine.run_bench(spec, [bench_engine.Variant()])
+
+
+def test_train_mode_times_batch_2_for_models_that_need_it() -> None:
+    # `seg bench deeplabv3 --mode train` (default batch 1) ended in a BatchNorm traceback.
+    spec = bench_engine.BenchSpec(
+        arch="deeplabv3", backbone="resnet18", size=(32, 32), device="cpu", iters=1, warmup=0,
+        classes=3, mode="train",
+    )  # fmt: skip
+    lines: list[str] = []
+    report = bench_engine.run_bench(spec, [bench_engine.Variant()], log=lines.append)
+    assert report["batch_size"] == 2
+    assert any("at least 2" in line for line in lines)

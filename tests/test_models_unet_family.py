@@ -105,12 +105,18 @@ def test_deep_supervision_returns_full_size_side_outputs_in_training(arch, optio
 def test_cgm_switches_off_absent_foreground_classes_only():
     from segcli.models.unet3p import UNet3Plus
 
-    logits = torch.zeros(1, 3, 2, 2)
+    logits = torch.tensor([0.0, 8.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     presence = torch.tensor([[-5.0, -5.0, 5.0]])
     gated = UNet3Plus._gate(logits, presence)
     assert gated[0, 0].eq(0).all()  # background is never suppressed
-    assert gated[0, 1].lt(-1000).all()
-    assert gated[0, 2].eq(0).all()
+    assert gated[0, 2].eq(1).all()  # present classes keep their logits
+    # The absent class loses the argmax it had, yet a wrong gate costs a bounded loss: the
+    # old 1e4 offset made one mis-gated pixel dominate the validation loss and curves.
+    assert gated.argmax(1).eq(2).all()
+    wrong = torch.nn.functional.cross_entropy(gated, torch.ones(1, 2, 2, dtype=torch.long))
+    assert 20 < wrong.item() < 30
+    one_logit = UNet3Plus._gate(torch.full((1, 1, 2, 2), 3.0), torch.tensor([[-1.0]]))
+    assert one_logit.le(-20).all()
 
 
 @pytest.mark.parametrize(

@@ -347,3 +347,60 @@ def test_resuming_a_finished_run_asks_for_more_epochs(tmp_path):
         Trainer(
             fast_config(tmp_path, epochs=1, resume=str(tmp_path / "run/last.safetensors"))
         ).run()
+
+
+def test_resume_needs_neither_the_network_nor_the_backbone_weights_file(tmp_path, monkeypatch):
+    # Catches a resume that rebuilds the backbone from its original source: the deleted
+    # --backbone-weights file (exit 2) or torchvision's download (fails offline).
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)
+    Trainer(fast_config(tmp_path, backbone_weights=str(weights), previews=0)).run()
+    weights.unlink()
+    import segcli.models.encoders as encoders
+
+    def offline(*args, **kwargs):
+        raise AssertionError("resume fetched backbone weights")
+
+    monkeypatch.setattr(encoders, "_load_backbone_weights", offline)
+    last = str(tmp_path / "run/last.safetensors")
+    for pretrained in (False, True):  # as if the run had been started with --pretrained
+        config = fast_config(tmp_path, epochs=2 + pretrained, resume=last, previews=0)
+        config.pretrained, config.backbone_weights = pretrained, str(weights)
+        Trainer(config).run()
+    assert len((tmp_path / "run/metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_weights_and_state_of_different_epochs(tmp_path):
+    # Catches a resume that pairs epoch-2 optimizer moments with epoch-1 weights (a crash
+    # between the two writes): it must refuse, naming both files.
+    Trainer(fast_config(tmp_path, epochs=1, previews=0)).run()
+    run = tmp_path / "run"
+    older = (run / "last.safetensors").read_bytes()
+    Trainer(fast_config(tmp_path, epochs=2, resume=str(run / "last.safetensors"))).run()
+    (run / "last.safetensors").write_bytes(older)
+    with pytest.raises(UsageError, match="not a pair") as error:
+        Trainer(fast_config(tmp_path, epochs=3, resume=str(run / "last.safetensors"))).run()
+    assert "last.safetensors" in str(error.value) and "last.state.safetensors" in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["pspnet", "deeplabv3"])
+def test_models_that_cannot_train_on_one_image_refuse_batch_size_1(seg, arch):
+    # A BatchNorm after global pooling cannot normalise one value: it used to end in a
+    # traceback after data loading; now one line naming the flag, before any training.
+    result = seg("train", arch, "--backbone", "resnet18", *FAST, "--batch-size", "1")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--batch-size" in lines[0] and "at least 2" in lines[0]
+
+
+def test_ddp_refuses_a_batch_larger_than_each_ranks_shard(tmp_path, monkeypatch):
+    # 24 mock training images over 2 ranks are 12 per rank: batch 16 would give zero steps and
+    # a scheduler error; it must be one line naming --batch-size, the shard and the world size.
+    import segcli.engine.trainer as trainer_module
+    from segcli.engine.distributed import DistContext
+
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistContext(0, 2, 0))
+    with pytest.raises(UsageError, match=r"--batch-size 16 .* shard of 12 .* 2 processes"):
+        Trainer(fast_config(tmp_path, batch_size=16)).run()

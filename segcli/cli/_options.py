@@ -69,7 +69,8 @@ Cgm = Annotated[
 OutputStride = Annotated[
     int | None,
     typer.Option(
-        help="DeepLab/PSPNet/FCN-ResNet output stride: 8 | 16.", rich_help_panel=MODEL_PANEL
+        help="DeepLab/PSPNet/FCN-ResNet output stride: 8 | 16 (| 32 for FCN).",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 Aux = Annotated[
@@ -96,6 +97,22 @@ DecoderChannels = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+# Every architecture option a command exposes, named as the builders' keyword arguments; the
+# registry's option lists must be covered by it (tests/test_cli_params.py checks both ways).
+MODEL_OPTION_NAMES = (
+    "up",
+    "down",
+    "attention",
+    "deep_supervision",
+    "cgm",
+    "output_stride",
+    "aux",
+    "stride",
+    "fc_width",
+    "decoder_channels",
+)
 
 
 def model_options(**flags: object) -> dict[str, object]:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from segcli.cli._options import (
+    MODEL_OPTION_NAMES,
     Attention,
     Aux,
     Backbone,
@@ -59,18 +60,8 @@ def params(
     from segcli.models import summary
 
     flops_size = parse_size(size) if flops else None
-    options = model_options(
-        up=up,
-        down=down,
-        attention=attention,
-        deep_supervision=deep_supervision,
-        cgm=cgm,
-        output_stride=output_stride,
-        aux=aux,
-        stride=stride,
-        fc_width=fc_width,
-        decoder_channels=decoder_channels,
-    )
+    given = locals()
+    options = model_options(**{name: given[name] for name in MODEL_OPTION_NAMES})
     if arch is None:
         if backbone is not None or options:
             from segcli.errors import UsageError

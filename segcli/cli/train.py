@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from segcli.cli._options import (
+    MODEL_OPTION_NAMES,
     Attention,
     Aux,
     Backbone,
@@ -158,21 +159,7 @@ def train(
     from segcli.engine.config import resolve_config
     from segcli.engine.trainer import Trainer
 
-    options = {
-        name: flags.pop(name)
-        for name in (
-            "up",
-            "down",
-            "attention",
-            "deep_supervision",
-            "cgm",
-            "output_stride",
-            "aux",
-            "stride",
-            "fc_width",
-            "decoder_channels",
-        )
-    }
+    options = {name: flags.pop(name) for name in MODEL_OPTION_NAMES}
     flags["model_options"] = {k: v for k, v in options.items() if v is not None}
     base = None
     if resume:

@@ -12,7 +12,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +406,13 @@ def run_bench(
         _check_variant(variant, spec.mode, device)
         _precision(variant, device)  # rejects fp16 on CPU before any work
     base, gflops = model or build_bench_model(spec)
+    smallest = getattr(base, "min_train_batch", 1)
+    if spec.mode == "train" and spec.batch_size < smallest:
+        log(
+            f"bench: {spec.arch} trains on batches of at least {smallest} (BatchNorm after "
+            f"global pooling); timing --batch-size {smallest}"
+        )
+        spec = replace(spec, batch_size=smallest)
     generator = torch.Generator().manual_seed(spec.seed)
     images = torch.randn(spec.batch_size, spec.in_channels, *spec.size, generator=generator)
     results: list[BenchResult] = []

@@ -4,6 +4,7 @@ resuming never unpickles anything."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,26 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def _int_keys(state: dict[str, Any]) -> dict[Any, Any]:
     """torch optimizers index their per-parameter state by int; JSON made them strings."""
     return {int(k) if k.isdigit() else k: v for k, v in state.items()}
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a weights file: the training state names the file it belongs with."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_pair(checkpoint: Path, state: dict[str, Any], checkpoint_epoch: int) -> None:
+    """Refuse a checkpoint and training state written at different epochs (a crash between the
+    two writes, or one of the files replaced): the optimizer moments would not match the
+    weights."""
+    expected = state.get("weights_sha256")
+    if expected is None or expected == weights_digest(checkpoint):
+        return
+    raise UsageError(
+        f"{checkpoint} (epoch {checkpoint_epoch}) and {state_path_for(checkpoint)} (epoch "
+        f"{state.get('epoch')}) are not a pair: the run stopped between their writes or one was "
+        "replaced; resume is refused. Evaluate or predict with the checkpoint, or start a new run"
+    )
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:

@@ -44,7 +44,13 @@ from segcli.engine.evaluate import evaluate
 from segcli.engine.optim import load_optimizer_state
 from segcli.engine.progress import Reporter
 from segcli.engine.report import append_jsonl, plot_curves, read_jsonl, save_preview
-from segcli.engine.state import load_training_state, save_training_state, state_path_for
+from segcli.engine.state import (
+    check_pair,
+    load_training_state,
+    save_training_state,
+    state_path_for,
+    weights_digest,
+)
 from segcli.errors import RuntimeFailure, SegError, UsageError
 
 
@@ -230,13 +236,18 @@ class Trainer:
 
             mapping = ClassMapping.from_dict(info.classes)
             resume_state = load_training_state(state_path_for(config.resume))
+            check_pair(Path(config.resume), resume_state, info.epoch)
         self.data = load_data(config, mapping)
 
         from segcli.models import build_model
 
-        weights = {"pretrained": True} if config.pretrained else {}
-        if config.backbone_weights:
-            weights["backbone_weights"] = config.backbone_weights
+        # A resumed run's weights, pretrained ones included, come from its checkpoint: resuming
+        # needs neither the network nor the original --backbone-weights file.
+        weights: dict[str, Any] = {}
+        if not config.resume:
+            weights = {"pretrained": True} if config.pretrained else {}
+            if config.backbone_weights:
+                weights["backbone_weights"] = config.backbone_weights
         model = build_model(
             config.arch,
             config.backbone,
@@ -268,6 +279,7 @@ class Trainer:
                 self.data.train, context.world_size, context.rank, shuffle=True, seed=config.seed
             )
         batch = min(config.batch_size, len(self.data.train))
+        self._check_batch(batch, model)
         # Persistent workers carry their RNG across epochs, which a resumed run cannot
         # reproduce; deterministic runs load in the main process, seeded every epoch.
         workers = 0 if config.deterministic else data_workers(config.workers, self.device)
@@ -327,6 +339,29 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_model = DistributedDataParallel(self.step_model, device_ids=device_ids)
 
+    def _check_batch(self, batch: int, model: nn.Module) -> None:
+        """Refuse, before any work, batches that cannot train: smaller than the model's BatchNorm
+        allows, or (DDP) larger than one rank's shard of the training set, which gives no step."""
+        config, context = self.config, self.context
+        smallest = getattr(model, "min_train_batch", 1)
+        if batch < smallest:
+            what = f"--batch-size {config.batch_size}"
+            if batch < config.batch_size:
+                what = f"the training set's {len(self.data.train)} image(s)"
+            raise UsageError(
+                f"{what}: {config.arch} trains on batches of at least {smallest} (a BatchNorm "
+                f"after global pooling sees one value per image); use --batch-size {smallest} "
+                "or more"
+            )
+        if context.enabled:
+            shard = math.ceil(len(self.data.train) / context.world_size)
+            if config.batch_size > shard:
+                raise UsageError(
+                    f"--batch-size {config.batch_size} is larger than each rank's shard of "
+                    f"{shard} images ({len(self.data.train)} training images over "
+                    f"{context.world_size} processes); use --batch-size {shard} or less"
+                )
+
     def _restore(self, state: dict[str, Any]) -> None:
         weights, _ = read_checkpoint(self.config.resume)
         self.model.load_state_dict(weights)
@@ -369,6 +404,7 @@ class Trainer:
         info = self._info(epoch, metrics)
         save_checkpoint(self.out / "last.safetensors", self.model, info)
         state = {
+            "weights_sha256": weights_digest(self.out / "last.safetensors"),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},

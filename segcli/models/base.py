@@ -23,6 +23,9 @@ class SegmentationModel(nn.Module):
     """Pads to `size_divisor`, crops back, and defines the auxiliary-output contract."""
 
     aux_weight: float = 1.0
+    # Smallest training batch: a BatchNorm after global pooling sees one value per image and
+    # cannot normalise a batch of one.
+    min_train_batch: int = 1
 
     def __init__(self, size_divisor: int) -> None:
         super().__init__()

@@ -57,6 +57,8 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3(DilatedResNetModel):
+    min_train_batch = 2  # ASPPPooling
+
     def build_head(self, classes: int, output_stride: int) -> None:
         # Flat Sequential (not conv_bn_relu) to keep torchvision's DeepLabHead key names.
         self.head = nn.Sequential(
@@ -69,6 +71,7 @@ class DeepLabV3(DilatedResNetModel):
 
 
 class DeepLabV3Plus(DilatedResNetModel):
+    min_train_batch = 2  # ASPPPooling
     """ASPP at 1/output_stride, upsampled to layer1 (1/4) and fused with its 48-channel
     projection by two 3x3 256-channel convs."""
 

@@ -116,17 +116,28 @@ def fcn(
     stride: int = 8,
     fc_width: int = 4096,
     aux: bool = False,
+    output_stride: int | None = None,
     pretrained: bool = False,
     backbone_weights: str | None = None,
 ) -> FCNVGG | FCNResNet:
-    """FCN. `stride`: on VGG, 32, 16 or 8 for FCN-32s/16s/8s (default 8); on ResNet, the output
-    stride of the dilated backbone (8, torchvision's, by default; 16 or 32 are cheaper).
+    """FCN. `stride`: on VGG, 32, 16 or 8 for FCN-32s/16s/8s (default 8). `output_stride`: on
+    ResNet, the stride of the dilated backbone, as for DeepLab and PSPNet (8, torchvision's, by
+    default; 16 or 32 are cheaper); checkpoints written before it existed stored it as `stride`.
     `fc_width`: fc6/fc7 channels on VGG (4096 as in the paper, about 120M parameters; 1024 is a
     light variant). `aux`: ResNet only, torchvision's FCN head on layer3 (loss weight 0.5).
     Default backbone vgg16."""
     check_stride("--stride", stride, STRIDES)
     if backbone in FCN_RESNETS:
-        return FCNResNet(backbone, in_channels, classes, stride, aux, pretrained, backbone_weights)
+        dilation = check_stride(
+            "--output-stride", output_stride if output_stride is not None else stride, STRIDES
+        )
+        return FCNResNet(
+            backbone, in_channels, classes, dilation, aux, pretrained, backbone_weights
+        )
+    if output_stride is not None:
+        raise UsageError(
+            "--output-stride applies to fcn on ResNet backbones; FCN-VGG takes --stride 32|16|8"
+        )
     if aux:
         raise UsageError("--aux applies to fcn on ResNet backbones; FCN-VGG has no auxiliary head")
     if fc_width < 1:

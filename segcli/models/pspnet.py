@@ -35,6 +35,7 @@ class PyramidPooling(nn.Module):
 
 class PSPNet(DilatedResNetModel):
     aux_weight = 0.4
+    min_train_batch = 2  # the 1x1 pyramid bin
 
     def build_head(self, classes: int, output_stride: int) -> None:
         pyramid = PyramidPooling(self.encoder.out_channels[-1], PYRAMID_BINS)

@@ -15,7 +15,10 @@ from segcli.models.encoders import ENCODERS, build_encoder
 from segcli.models.registry import register_model
 
 CAT_CHANNELS = 64
-SUPPRESSED = 1e4  # logit offset that turns a class off where the CGM says it is absent
+# How far below every other class a suppressed class's logit is put: e^-20 of the probability
+# mass, never the argmax, yet a wrong gate costs a loss of about 20, not 1e4, so validation
+# losses and curves keep a readable scale.
+SUPPRESSED_MARGIN = 20.0
 
 
 class FullScaleStage(nn.Module):
@@ -111,12 +114,17 @@ class UNet3Plus(SegmentationModel):
 
     @staticmethod
     def _gate(logits: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
-        """Switch off classes the classification branch says are absent. Background (class 0
-        of a multiclass model) is never switched off, so every pixel keeps a valid class."""
-        absent = (presence < 0).to(logits.dtype)[:, :, None, None]
+        """Switch off classes the classification branch says are absent: their logits go
+        SUPPRESSED_MARGIN below the smallest logit of the pixel (a one-logit model's below
+        -SUPPRESSED_MARGIN). Background (class 0 of a multiclass model) is never switched off,
+        so every pixel keeps a valid class."""
+        absent = (presence < 0)[:, :, None, None]
         if logits.shape[1] > 1:
             absent = torch.cat([torch.zeros_like(absent[:, :1]), absent[:, 1:]], dim=1)
-        return logits - SUPPRESSED * absent
+            floor = logits.amin(dim=1, keepdim=True) - SUPPRESSED_MARGIN
+        else:
+            floor = torch.clamp(logits, max=-SUPPRESSED_MARGIN)
+        return torch.where(absent, torch.minimum(logits, floor), logits)
 
 
 @register_model(
