@@ -15,11 +15,14 @@ budget and nothing else about the data:
   DiceLoss, ignore 255), hflip + random scale 0.75-1.25 + crop (padding ignored), batch 8,
   fp32 in channels_last, data in the main process, validated after every epoch.
 
-Both stop when the next epoch would overrun the budget and are scored the same way: val images
+Both stop when the next epoch would overrun the budget and are scored alike: val images
 resized (antialiased bilinear) to SIZE, masks resized nearest, one confusion matrix over the split,
 mIoU over classes present in target or prediction. The report gives the best val mIoU each had
 reached at every 10 minutes, writes `accuracy.json` and `accuracy.png` (both curves against
 minutes) to `--out`. Run it on an otherwise idle machine and name the CPU beside its figures.
+
+`--throughput` instead times training steps (images/s) of segcli's published ResUNet18, its
+lighter `--decoder-channels 256,128,64,32` form and smp's Unet, round-robin in one process.
 """
 
 from __future__ import annotations
@@ -235,6 +238,54 @@ def run_segcli(args: argparse.Namespace) -> list[dict]:
     return curve
 
 
+def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
+    """Training images/s of one forward + backward + AdamW step, batch `--batch-size`, fp32
+    channels_last (and bf16 autocast where the CPU has it natively), for segcli's published
+    ResUNet18 decoder, its `--decoder-channels 256,128,64,32` form and smp's Unet; timed
+    round-robin, best of `--repeats`, so load from other processes hurts all alike."""
+    import segmentation_models_pytorch as smp
+
+    from segcli.engine.device import cpu_has_native_bf16
+    from segcli.engine.optim import build_optimizer
+    from segcli.models import build_model
+
+    size = parse_size(args.size)
+    models = {
+        "segcli published decoder": build_model("unet", "resnet18", 3, classes),
+        "segcli --decoder-channels 256,128,64,32": build_model(
+            "unet", "resnet18", 3, classes, decoder_channels="256,128,64,32"
+        ),
+        "smp Unet": smp.Unet("resnet18", encoder_weights=None, classes=classes),
+    }
+    images = torch.randn(args.batch_size, 3, *size).contiguous(memory_format=torch.channels_last)
+    masks = torch.randint(0, classes, (args.batch_size, *size))
+    dtypes = [None, torch.bfloat16] if cpu_has_native_bf16() else [None]
+    steps = {}
+    for name, model in models.items():
+        model = model.to(memory_format=torch.channels_last).train()
+        optimizer = build_optimizer(model, "adamw", lr=1e-4)
+        for dtype in dtypes:
+
+            def step(model=model, optimizer=optimizer, dtype=dtype) -> None:
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                    loss = F.cross_entropy(model(images).float(), masks)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            step()
+            steps[f"{name}, {'bf16' if dtype else 'fp32'} channels_last"] = step
+    best = dict.fromkeys(steps, 0.0)
+    for _ in range(args.repeats):
+        for key, step in steps.items():
+            started = time.perf_counter()
+            step()
+            best[key] = max(best[key], args.batch_size / (time.perf_counter() - started))
+    for key, rate in best.items():
+        print(f"{key}: {rate:.2f} training images/s", flush=True)
+    return best
+
+
 def best_by(curve: list[dict], minutes: float) -> float | None:
     reached = [p["miou"] for p in curve if p["minutes"] <= minutes + 1e-9]
     return max(reached) if reached else None
@@ -289,6 +340,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/accuracy"))
     parser.add_argument("--only", choices=("segcli", "smp"))
     parser.add_argument("--segcli-args", default="", help="extra seg train flags, quoted")
+    parser.add_argument(
+        "--throughput", action="store_true", help="only time training steps of the three models"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="--throughput rounds")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -296,6 +351,12 @@ def main() -> None:
     from segcli.data import check_dataset
 
     classes = check_dataset(args.data).mapping.num_classes
+    if args.throughput:
+        rates = throughput(args, classes)
+        (args.out / "throughput.json").write_text(
+            json.dumps({"cpu": cpu_name(), "size": args.size, "images_per_s": rates}, indent=2)
+        )
+        return
     report_path = args.out / "accuracy.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report.update(

@@ -57,14 +57,29 @@ def test_train_mode() -> None:
     assert run and result["images_per_s"] > 0 and result["max_abs_diff"] is None
 
 
-def test_compare_matrix_lists_every_variant() -> None:
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_compare_matrix_lists_every_variant(monkeypatch, native_bf16: bool) -> None:
+    # On a CPU without native bf16 the emulated variants are skipped unless asked for (they
+    # took over half of --compare's time on an AVX2-only EPYC) and flagged when shown.
     import torch
 
-    names = [v.name for v in bench_engine.compare_matrix("infer", torch.device("cpu"))]
+    from segcli.engine import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    names = [v.name for v in bench_engine.compare_matrix("infer", cpu)]
     assert names[0] == "eager fp32 NCHW"
-    assert {"eager fp32 channels_last", "compile bf16 channels_last", "onnxruntime fp32"} <= set(
-        names
+    assert {"eager fp32 channels_last", "onnxruntime fp32"} <= set(names)
+    assert ("compile bf16 channels_last" in names) is native_bf16
+    everything = bench_engine.compare_matrix("infer", cpu, include_emulated=True)
+    assert "compile bf16 channels_last" in [v.name for v in everything]
+    emulated = [v.name for v in everything if bench_engine.is_emulated(v, cpu)]
+    assert emulated == (
+        [] if native_bf16 else ["eager bf16 channels_last", "compile bf16 channels_last"]
     )
+    # What seg predict uses here: bf16 + channels_last with native bf16, else fp32 channels_last.
+    default = bench_engine._segcli_default(cpu)
+    assert default == bench_engine.Variant("bf16" if native_bf16 else "fp32", channels_last=True)
 
 
 @pytest.mark.parametrize(

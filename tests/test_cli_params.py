@@ -91,3 +91,25 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "params" in result.stdout
+
+
+def test_every_registry_option_is_a_flag_and_every_flag_an_option():
+    # One list of option names for `seg train` and `seg params`: an architecture option the
+    # commands forget (or a flag no architecture takes) is caught here.
+    from segcli.cli._options import MODEL_OPTION_NAMES
+    from segcli.models.registry import MODELS
+
+    weights = {"pretrained", "backbone_weights"}  # separate flags with their own checks
+    registry = {name for entry in MODELS.values() for name in entry.options} - weights
+    assert registry == set(MODEL_OPTION_NAMES)
+
+
+def test_output_stride_is_one_option_for_every_dilated_resnet(seg):
+    # fcn on ResNet used to refuse --output-stride ("fcn has no option output_stride").
+    for arch, backbone in (("deeplabv3", "resnet50"), ("pspnet", "resnet50"), ("fcn", "resnet50")):
+        done = seg("params", arch, "--backbone", backbone, "--output-stride", "16", "--json")
+        assert done.returncode == 0, done.stderr
+    from segcli.models import build_model
+
+    model = build_model("fcn", "resnet50", output_stride=16)
+    assert model.encoder.reductions[-1] == 16

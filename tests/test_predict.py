@@ -54,14 +54,16 @@ def make_info(model: torch.nn.Module, names: list[str]) -> CheckpointInfo:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-class ResUNet18 at 64x64. Its head is scaled up so the untrained model makes
-    confident, varied predictions instead of near-uniform ones, which would hide differences."""
+    """A 3-class ResUNet18 at 64x64 whose untrained logits have a standard deviation of about
+    0.35 on random images: confident, varied predictions instead of near-uniform ones, which
+    would hide differences, at the scale the tiling tolerances below were measured at."""
     from segcli.models import build_model
 
     torch.manual_seed(0)
     model = build_model("unet", "resnet18", classes=3)
     with torch.no_grad():
-        model.head.classify.weight.mul_(30)
+        logit_std = model.eval()(torch.randn(1, 3, 96, 80)).std()
+        model.head.classify.weight.mul_(0.35 / logit_std)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
     save_checkpoint(path, model, make_info(model, NAMES))
     return path
@@ -368,10 +370,13 @@ def test_tiled_output_matches_untiled_within_border_tolerance(checkpoint: Path) 
             model, image, tile=64, overlap=0.5, precision=FP32, device=CPU
         )
     assert torch.allclose(one_window, whole, atol=1e-6)
-    # The UNet sees less context near window borders, so values there differ somewhat; the
-    # Gaussian weights keep that small (measured: mean 0.0014, 98.6% equal labels).
-    assert (tiled - whole).abs().mean() < 0.01
-    assert (tiled.argmax(0) == whole.argmax(0)).float().mean() > 0.95
+    # The UNet sees less context in a window than in the whole image, so values differ,
+    # most near window borders, where the Gaussian weights count least. Measured: mean 0.029,
+    # 82% equal labels. (With PyTorch's default init the untrained decoder barely used its deep,
+    # wide-context path and the same run gave 0.0014 and 98.6%; He init gives that path its
+    # full weight.) Unnormalised or unweighted blending is far off: see the pointwise test.
+    assert (tiled - whole).abs().mean() < 0.05
+    assert (tiled.argmax(0) == whole.argmax(0)).float().mean() > 0.75
 
 
 def test_cli_tiled_output_has_the_exact_input_size(

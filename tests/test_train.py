@@ -288,6 +288,11 @@ def test_a_file_that_is_not_a_checkpoint_exits_2(seg, tmp_path):
 
 
 def test_ddp_with_two_processes_matches_its_own_single_process_eval(tmp_path):
+    # 7 val images over 2 ranks: sharding with padding (a DistributedSampler) would score one
+    # image twice, so the all-reduced matrix would differ from one process scoring the split.
+    from segcli.data.mock import generate
+
+    data = generate(tmp_path / "data", splits={"train": 16, "val": 7})
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -308,6 +313,8 @@ def test_ddp_with_two_processes_matches_its_own_single_process_eval(tmp_path):
             "--epochs",
             "1",
             *FAST,
+            "--data",
+            str(data),
             "--out",
             str(out),
             "--json",
@@ -326,6 +333,8 @@ def test_ddp_with_two_processes_matches_its_own_single_process_eval(tmp_path):
             "segcli",
             "eval",
             str(out / "best.safetensors"),
+            "--data",
+            str(data),
             "--workers",
             "0",
             "--json",
@@ -337,8 +346,9 @@ def test_ddp_with_two_processes_matches_its_own_single_process_eval(tmp_path):
     scores = json.loads(evaluated.stdout)
     # Validation was sharded over two ranks and its confusion matrix all-reduced: it must
     # equal one process scoring the whole split.
-    assert scores["miou"] == pytest.approx(summary["val"]["miou"], abs=1e-9)
-    assert scores["iou"] == pytest.approx(summary["val"]["iou"], abs=1e-9)
+    assert scores["miou"] == pytest.approx(summary["val"]["miou"], abs=1e-12)
+    assert scores["iou"] == pytest.approx(summary["val"]["iou"], abs=1e-12)
+    assert scores["pixel_acc"] == pytest.approx(summary["val"]["pixel_acc"], abs=1e-12)
 
 
 def test_resuming_a_finished_run_asks_for_more_epochs(tmp_path):
@@ -404,3 +414,58 @@ def test_ddp_refuses_a_batch_larger_than_each_ranks_shard(tmp_path, monkeypatch)
     monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistContext(0, 2, 0))
     with pytest.raises(UsageError, match=r"--batch-size 16 .* shard of 12 .* 2 processes"):
         Trainer(fast_config(tmp_path, batch_size=16)).run()
+
+
+DDP_NAN_SCRIPT = """
+import os, sys
+import segcli.engine.trainer as trainer
+from segcli.engine.config import TrainConfig
+from segcli.errors import SegError
+
+if os.environ["RANK"] == "1":  # a NaN on rank 1 only, from its first step of epoch 2
+    real, calls = trainer.compute_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    trainer.compute_loss = poisoned
+config = TrainConfig(arch="unet", backbone="resnet18", size="32", epochs=3, batch_size=4,
+                     workers=0, previews=0, out=sys.argv[1])
+try:
+    trainer.Trainer(config).run()
+except SegError as error:
+    print(error, file=sys.stderr)
+    sys.exit(error.exit_code)
+"""
+
+
+def test_ddp_nan_on_one_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path):
+    # Without the all-reduced stop flags rank 1 exits alone and rank 0 waits for it in the
+    # next gradient all-reduce until gloo's 30-minute timeout.
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(DDP_NAN_SCRIPT)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = "29531"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(out)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        codes = [rank.wait(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    errors = [rank.stderr.read() for rank in ranks]
+    assert codes == [1, 1], errors
+    assert "non-finite loss" in errors[0] and "epoch 2 step 1" in errors[0]
+    _, info = read_checkpoint(out / "last.safetensors")
+    assert info.epoch == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

@@ -36,6 +36,14 @@ def bench(
             help="Time eager fp32, channels_last, bf16, compile and onnxruntime side by side.",
         ),
     ] = False,
+    emulated: Annotated[
+        bool,
+        typer.Option(
+            "--emulated",
+            help="With --compare, also time bf16 on a CPU without native bf16 (several times "
+            "slower than fp32 there; skipped by default).",
+        ),
+    ] = False,
     iters: Annotated[int, typer.Option(min=1, help="Timed iterations.")] = 10,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed iterations first.")] = 2,
     classes: Classes = 21,
@@ -71,7 +79,7 @@ def bench(
         warmup=warmup,
     )
     variants = (
-        compare_matrix(mode, resolve_device(device))
+        compare_matrix(mode, resolve_device(device), include_emulated=emulated)
         if compare
         else [Variant(dtype, channels_last, compile, onnx)]
     )
@@ -95,16 +103,18 @@ def _print_table(report: dict, compare: bool) -> None:
         f"{first['gflops_per_image']:.1f} GFLOPs/image forward"
     )
     table = Table(title=title)
-    columns = ["variant", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB", "GFLOP/s", "% peak"]
+    columns = ["variant", "predict uses", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB"]
+    columns += ["GFLOP/s", "% peak"]
     if compare:
         columns += ["speed-up", "max |diff|", "argmax ="]
     columns.append("setup s")
     for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in results:
-        name = r["variant"] + (" (seg default)" if r["default"] else "")
+        name = r["variant"] + (" (emulated)" if r["emulated"] else "")
         cells = [
             name,
+            "yes" if r["default"] else "no",
             f"{r['images_per_s']:.2f}",
             *(f"{r['latency_ms'][q]:.1f}" for q in ("p50", "p90", "p99")),
             f"{r['peak_memory_mb']:.0f}",

@@ -20,7 +20,11 @@ def eval_command(
     device: Device = "auto",
     amp: Amp = "auto",
     full_res: Annotated[
-        bool, typer.Option("--full-res", help="Score at each image's original size.")
+        bool,
+        typer.Option(
+            "--full-res",
+            help="Score at each image's original size, on the masks seg predict would write.",
+        ),
     ] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average flipped predictions.")] = False,
     workers: Workers = None,

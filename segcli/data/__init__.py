@@ -31,6 +31,7 @@ _EXPORTS = {
     "build_loader": "loader",
     "batches_by_size": "loader",
     "image_sizes": "loader",
+    "native_masks_collate": "loader",
 }
 
 __all__ = ["mock_root", *_EXPORTS]

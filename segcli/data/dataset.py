@@ -305,6 +305,7 @@ class SegmentationDataset(Dataset):
         augment: AugmentConfig | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        native_masks: bool = False,
     ) -> None:
         self.info = info
         self.split = split
@@ -316,6 +317,12 @@ class SegmentationDataset(Dataset):
         self.mean = tuple(mean) if mean is not None else default_mean
         self.std = tuple(std) if std is not None else default_std
         self.transform = build_transforms(size, augment, self.mean, self.std)
+        # Full-resolution scoring: the image is prepared for the model exactly as `seg predict`
+        # prepares it (one antialiased resize of the decoded image, then normalisation) and the
+        # mask stays at the image's own size, where predictions are scored.
+        self.native_masks = native_masks
+        if native_masks and augment is not None:
+            raise ValueError("native_masks is for evaluation, without augmentation")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -337,5 +344,7 @@ class SegmentationDataset(Dataset):
         from torchvision import tv_tensors
 
         image, mask = self.load(index)
+        if self.native_masks:
+            return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), mask.long()
         image_out, mask_out = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return image_out.as_subclass(torch.Tensor), mask_out.as_subclass(torch.Tensor).long()

@@ -5,8 +5,9 @@ per-worker torch seed the DataLoader derives from that generator)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,13 @@ def batches_by_size(sizes: Sequence[tuple[int, int] | None], batch_size: int) ->
     ]
 
 
+def native_masks_collate(
+    items: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Images (all at the model size) stacked; masks (each at its image's own size) as a list."""
+    return torch.stack([image for image, _ in items]), [mask for _, mask in items]
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -62,6 +70,7 @@ def build_loader(
     sampler: Sampler | None = None,
     prefetch_factor: int | None = None,
     batch_sampler: Sequence[list[int]] | None = None,
+    collate_fn: Callable[..., Any] | None = None,
 ) -> DataLoader:
     """A DataLoader for training or evaluation. `workers > 0` keeps its worker processes alive
     between epochs (persistent workers); memory is pinned only when batches go to a CUDA device.
@@ -75,6 +84,8 @@ def build_loader(
         options["worker_init_fn"] = seed_worker
         if prefetch_factor is not None:
             options["prefetch_factor"] = prefetch_factor
+    if collate_fn is not None:
+        options["collate_fn"] = collate_fn
     if batch_sampler is not None:
         options["batch_sampler"] = batch_sampler
     else:

@@ -87,6 +87,7 @@ class BenchResult:
     argmax_agreement: float | None = None
     speedup: float | None = None  # images/s over eager fp32 in the same run
     default: bool = False  # what seg predict/eval use on this device
+    emulated: bool = False  # a precision this CPU has no native instructions for
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
@@ -202,8 +203,20 @@ def _segcli_default(device: torch.device) -> Variant:
     return Variant(DTYPE_NAME[precision.dtype], precision.channels_last)
 
 
-def compare_matrix(mode: str, device: torch.device) -> list[Variant]:
-    """Eager fp32 first (the reference), then channels_last, autocast, compile and ONNX."""
+def is_emulated(variant: Variant, device: torch.device) -> bool:
+    """bf16 on a CPU without AVX512-BF16/AMX runs through conversions, several times slower
+    than fp32 (0.14x on an AVX2-only EPYC for DeepLabv3-ResNet50)."""
+    from segcli.engine.device import cpu_has_native_bf16
+
+    return device.type == "cpu" and variant.dtype == "bf16" and not cpu_has_native_bf16()
+
+
+def compare_matrix(
+    mode: str, device: torch.device, include_emulated: bool = False
+) -> list[Variant]:
+    """Eager fp32 first (the reference), then channels_last, autocast, compile and ONNX.
+    Precisions the CPU only emulates are left out unless `include_emulated`: on an AVX2-only
+    host they took over half of `--compare`'s time to show what is never worth using."""
     fast = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
     variants = [
         Variant(),
@@ -211,6 +224,8 @@ def compare_matrix(mode: str, device: torch.device) -> list[Variant]:
         Variant(fast, channels_last=True),
         Variant(fast, channels_last=True, compile=True),
     ]
+    if not include_emulated:
+        variants = [v for v in variants if not is_emulated(v, device)]
     if mode == "infer" and device.type == "cpu":
         from segcli.engine.export import onnx_available, onnxruntime_available
 
@@ -336,6 +351,7 @@ def run_variant(
         matmul_peak_gflops=peak,
         peak_fraction=achieved / peak,
         default=not variant.onnx and variant == _segcli_default(device) and not variant.compile,
+        emulated=is_emulated(variant, device),
     )
     return result, output
 

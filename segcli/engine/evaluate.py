@@ -33,21 +33,16 @@ def evaluate(
     precision: Precision,
     criterion: nn.Module | None = None,
     tta: bool = False,
-    input_size: tuple[int, int] | None = None,
     distributed: bool = False,
 ) -> EvalResult:
-    """Score `model` on `loader`. With `input_size`, images (at their original size) are
-    resized to it for the model and the logits resized back to each mask's size."""
+    """Score `model` on `loader`, whose batches are (images, masks): masks stacked at the model
+    size, or a list of masks at each image's original size (`native_masks_collate`), where each
+    image's scores are resized to its mask exactly as `seg predict` resizes them before
+    writing (bilinear, then argmax or threshold)."""
     matrix = ConfusionMatrix(scored_classes, ignore_index, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum, images
     with inference_mode(model):
         for images, masks in loader:
-            masks = masks.to(device, non_blocking=True)
-            original = masks.shape[-2:]
-            if input_size is not None:
-                images = F.interpolate(
-                    images, size=input_size, mode="bilinear", align_corners=False
-                )
             if tta:
                 scores = class_probabilities(
                     model, images, precision=precision, device=device, tta=True
@@ -55,15 +50,21 @@ def evaluate(
             else:
                 with precision.autocast(device):
                     scores = model(to_device(images, device, precision)).float()
-            if scores.shape[-2:] != original:
-                scores = F.interpolate(scores, size=original, mode="bilinear", align_corners=False)
-            if criterion is not None and not tta:
-                loss_sum[0] += criterion(scores, masks).double() * len(images)
-                loss_sum[1] += len(images)
-            if tta:
-                matrix.update(labels_from_probabilities(scores), masks)
-            else:
-                matrix.update(scores, masks)
+            pairs = (
+                [(score[None], mask[None]) for score, mask in zip(scores, masks, strict=True)]
+                if isinstance(masks, list)
+                else [(scores, masks)]
+            )
+            for score, mask in pairs:
+                mask = mask.to(device, non_blocking=True)
+                if score.shape[-2:] != mask.shape[-2:]:
+                    score = F.interpolate(
+                        score, size=mask.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                if criterion is not None and not tta:
+                    loss_sum[0] += criterion(score, mask).double() * len(score)
+                    loss_sum[1] += len(score)
+                matrix.update(labels_from_probabilities(score) if tta else score, mask)
     if distributed:
         matrix.all_reduce()
         torch.distributed.all_reduce(loss_sum)
@@ -89,11 +90,10 @@ def evaluate_checkpoint(
     from segcli.data import (
         ClassMapping,
         SegmentationDataset,
-        batches_by_size,
         build_loader,
         check_dataset,
-        image_sizes,
         mock_root,
+        native_masks_collate,
     )
     from segcli.engine.device import data_workers, resolve_device
     from segcli.engine.inference import load_for_inference
@@ -108,17 +108,12 @@ def evaluate_checkpoint(
     dataset = SegmentationDataset(
         report.info,
         split,
-        size=None if full_res else info.input_size,
+        size=info.input_size,
         in_channels=info.model["in_channels"],
         augment=None,
         mean=info.mean,
         std=info.std,
-    )
-    # At original sizes, only images of one size can share a batch.
-    same_size = (
-        batches_by_size(image_sizes([image for image, _ in dataset.pairs]), batch_size)
-        if full_res
-        else None
+        native_masks=full_res,
     )
     loader = build_loader(
         dataset,
@@ -127,7 +122,7 @@ def evaluate_checkpoint(
         workers=data_workers(workers, device),
         seed=0,
         device_type=device.type,
-        batch_sampler=same_size,
+        collate_fn=native_masks_collate if full_res else None,
     )
     result = evaluate(
         model,
@@ -137,7 +132,6 @@ def evaluate_checkpoint(
         device=device,
         precision=precision,
         tta=tta,
-        input_size=info.input_size if full_res else None,
     )
     return {
         "checkpoint": str(checkpoint),
@@ -149,4 +143,6 @@ def evaluate_checkpoint(
         "class_names": mapping.names,
         "epoch": info.epoch,
         **result.metrics,
+        # rows: true class, columns: predicted class; ignored pixels are not counted
+        "confusion_matrix": result.matrix.matrix.cpu().tolist(),
     }

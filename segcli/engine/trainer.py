@@ -461,7 +461,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             for step, (images, masks) in enumerate(self.train_loader):
-                if stop["stop"]:
+                if stop["stop"] and not self.context.enabled:
                     raise TrainingInterrupted(self._interrupt_message(epoch, step))
                 step_started = time.perf_counter()
                 images = to_device(images, self.device, self.precision)
@@ -475,9 +475,17 @@ class Trainer:
                         self.aux_weight,
                         self.data.mapping.ignore_index,
                     )
-                if not torch.isfinite(loss):
+                interrupted, non_finite = self._agree_to_stop(stop["stop"], loss)
+                if interrupted:
+                    raise TrainingInterrupted(self._interrupt_message(epoch, step))
+                if non_finite:
+                    seen = (
+                        f"non-finite loss ({loss.item()})"
+                        if not torch.isfinite(loss.detach())
+                        else "non-finite loss on another rank"
+                    )
                     raise RuntimeFailure(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {step + 1}; "
+                        f"{seen} at epoch {epoch + 1} step {step + 1}; "
                         f"the last good checkpoint is kept in {self.out}; try a lower --lr, "
                         "--clip-grad 1.0 or --amp off"
                     )
@@ -502,6 +510,17 @@ class Trainer:
             raise error
         seconds = time.perf_counter() - started
         return total / max(images_seen, 1), seconds, images_seen / max(seconds, 1e-9)
+
+    def _agree_to_stop(self, interrupted: bool, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(interrupted, non-finite loss) for this step. Under DDP every rank learns what any
+        rank saw, before the backward pass that would wait for the others, so a Ctrl-C or a NaN
+        on one rank stops all of them at the same step instead of leaving them hung."""
+        non_finite = not bool(torch.isfinite(loss.detach()))
+        if not self.context.enabled:
+            return interrupted, non_finite
+        flags = torch.tensor([float(interrupted), float(non_finite)], device=loss.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
 
     def _interrupt_message(self, epoch: int, step: int) -> str:
         last = self.out / "last.safetensors"

@@ -1,0 +1,168 @@
+"""One variable at a time: what makes a ResUNet18 learn per epoch and per second on a dataset.
+
+    python benchmarks/ablate_accuracy.py NAME [key=value ...]
+
+Trains for `epochs` epochs with segcli's own dataset, losses, optimizer, schedule and
+evaluation (not `seg train`, so a single setting can change while everything else stays), and
+prints one JSON line per epoch: train loss, val mIoU, per-class IoU, training and wall seconds.
+Settings (defaults in brackets):
+
+    data=DIR [../shared/data/stanford_background]   size=HxW [128x160]   epochs=N [4]
+    model=segcli|smp [segcli]      decoder=W,W,W,W (segcli --decoder-channels) [published]
+    init=he|torch: he is segcli's initialisation, torch re-applies PyTorch's default to the
+                   decoder and head (what segcli did before) [he]
+    aug=default|none|smp (hflip + scale 0.75-1.25 + crop) [default]
+    loss=SPEC [ce]   lr=F [1e-3]   wd=F [1e-4]   bs=N [8]   seed=N [0]
+
+Run one at a time on an idle machine; compare lines of the same run length, not absolute
+seconds across machines. smp (segmentation-models-pytorch) is needed only for model=smp.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from segcli.data import (
+    AugmentConfig,
+    SegmentationDataset,
+    build_loader,
+    check_dataset,
+    default_normalization,
+)
+from segcli.engine.device import Precision
+from segcli.engine.evaluate import evaluate
+from segcli.engine.optim import build_optimizer, build_scheduler
+from segcli.losses import build_loss
+from segcli.models import build_model
+
+DEFAULTS = {
+    "data": "../shared/data/stanford_background",
+    "size": "128x160",
+    "epochs": 4,
+    "model": "segcli",
+    "decoder": "",
+    "init": "he",
+    "aug": "default",
+    "loss": "ce",
+    "lr": 1e-3,
+    "wd": 1e-4,
+    "bs": 8,
+    "seed": 0,
+}
+
+
+class ScaleCropFlip:
+    """hflip + random scale 0.75-1.25 of the training size + a crop back to it (ignored fill)."""
+
+    def __init__(self, size: tuple[int, int], mean, std) -> None:
+        self.size, self.mean, self.std = size, list(mean), list(std)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor):
+        height, width = self.size
+        scale = float(torch.empty(()).uniform_(0.75, 1.25))
+        scaled = [round(height * scale), round(width * scale)]
+        image = v2.functional.resize(image, scaled, antialias=True)
+        mask = v2.functional.resize(mask, scaled, interpolation=v2.InterpolationMode.NEAREST)
+        pad = [0, 0, max(0, width - scaled[1]), max(0, height - scaled[0])]
+        image = v2.functional.pad(image, pad, fill=0)
+        mask = v2.functional.pad(mask, pad, fill=255)
+        top = int(torch.randint(0, image.shape[-2] - height + 1, ()))
+        left = int(torch.randint(0, image.shape[-1] - width + 1, ()))
+        image = image[..., top : top + height, left : left + width]
+        mask = mask[..., top : top + height, left : left + width]
+        if torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        image = v2.functional.normalize(image.float() / 255, self.mean, self.std)
+        return tv_tensors.Image(image), tv_tensors.Mask(mask)
+
+
+def settings(argv: list[str]) -> tuple[str, dict]:
+    if not argv:
+        sys.exit(__doc__)
+    chosen = dict(DEFAULTS)
+    for pair in argv[1:]:
+        key, _, value = pair.partition("=")
+        if key not in DEFAULTS:
+            sys.exit(f"unknown setting {key}; known: {', '.join(DEFAULTS)}")
+        chosen[key] = type(DEFAULTS[key])(value)
+    return argv[0], chosen
+
+
+def build(opts: dict, classes: int) -> torch.nn.Module:
+    if opts["model"] == "smp":
+        import segmentation_models_pytorch as smp
+
+        return smp.Unet("resnet18", encoder_weights=None, classes=classes)
+    extra = {"decoder_channels": opts["decoder"]} if opts["decoder"] else {}
+    model = build_model("unet", "resnet18", 3, classes, **extra)
+    if opts["init"] == "torch":
+        for layer in [*model.decoder.modules(), *model.head.modules()]:
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                layer.reset_parameters()
+    return model
+
+
+def main() -> None:
+    name, opts = settings(sys.argv[1:])
+    torch.manual_seed(opts["seed"])
+    height, width = (int(v) for v in opts["size"].split("x"))
+    report = check_dataset(opts["data"])
+    mean, std = default_normalization(3)
+    augment = {"default": AugmentConfig(), "none": None, "smp": None}[opts["aug"]]
+    common = {"size": (height, width), "mean": mean, "std": std}
+    train = SegmentationDataset(report.info, "train", augment=augment, **common)
+    if opts["aug"] == "smp":
+        train.transform = ScaleCropFlip((height, width), mean, std)
+    val = SegmentationDataset(report.info, "val", **common)
+    classes = report.mapping.num_classes
+    model = build(opts, classes).to(memory_format=torch.channels_last)
+    loader = build_loader(train, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True)
+    val_loader = build_loader(val, 16, False, 0, 0, "cpu")
+    criterion = build_loss(opts["loss"], num_classes=classes, ignore_index=255)
+    optimizer = build_optimizer(model, "adamw", lr=opts["lr"], weight_decay=opts["wd"])
+    schedule = build_scheduler(
+        optimizer, "cosine", epochs=opts["epochs"], steps_per_epoch=len(loader)
+    )
+    started, train_seconds = time.perf_counter(), 0.0
+    for epoch in range(opts["epochs"]):
+        model.train()
+        total = seen = 0
+        epoch_started = time.perf_counter()
+        for images, masks in loader:
+            loss = criterion(model(images.contiguous(memory_format=torch.channels_last)), masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step_iteration()
+            total += loss.item() * len(images)
+            seen += len(images)
+        train_seconds += time.perf_counter() - epoch_started
+        result = evaluate(
+            model,
+            val_loader,
+            scored_classes=classes,
+            ignore_index=255,
+            device=torch.device("cpu"),
+            precision=Precision(None, channels_last=True),
+        )
+        iou = [None if v is None else round(v, 3) for v in result.metrics["iou"]]
+        record = {
+            "name": name,
+            "epoch": epoch + 1,
+            "train_loss": round(total / seen, 4),
+            "miou": round(result.metrics["miou"], 4),
+            "iou": iou,
+            "train_s": round(train_seconds, 1),
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
