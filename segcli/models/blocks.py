@@ -15,8 +15,9 @@ def he_init(*modules: nn.Module) -> None:
     convolutions a normal of variance 1 / (taps per output pixel), so upsampled deep features
     enter each concatenation at the scale of the skip beside them. PyTorch's default
     (kaiming-uniform with a = sqrt(5), fan-in counted on the wrong axis for transposed
-    convolutions) shrank the deep path at every decoder level: a ResUNet18 learnt a third
-    slower per epoch on stanford_background (README, "Accuracy per CPU-minute")."""
+    convolutions) shrank the deep path to 0.2-0.5x the skip at every decoder level: a ResUNet18
+    on stanford_background ended 4 epochs at train loss 0.924 instead of 0.876 (README,
+    "Accuracy per CPU-minute")."""
     for module in modules:
         for layer in module.modules():
             if isinstance(layer, nn.ConvTranspose2d):

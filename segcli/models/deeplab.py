@@ -71,9 +71,10 @@ class DeepLabV3(DilatedResNetModel):
 
 
 class DeepLabV3Plus(DilatedResNetModel):
-    min_train_batch = 2  # ASPPPooling
     """ASPP at 1/output_stride, upsampled to layer1 (1/4) and fused with its 48-channel
     projection by two 3x3 256-channel convs."""
+
+    min_train_batch = 2  # ASPPPooling
 
     def build_head(self, classes: int, output_stride: int) -> None:
         self.aspp = ASPP(self.encoder.out_channels[-1], ASPP_RATES[output_stride])
