@@ -8,7 +8,8 @@ prints one JSON line per epoch: train loss, val mIoU, per-class IoU, training an
 Settings (defaults in brackets):
 
     data=DIR [../shared/data/stanford_background]   size=HxW [128x160]   epochs=N [4]
-    model=segcli|smp [segcli]      decoder=W,W,W,W (segcli --decoder-channels) [published]
+    model=segcli|smp [segcli]      decoder=W,W,W,W[,W] (segcli --decoder-channels) [published]
+    up=transpose|bilinear|nearest (segcli --up) [transpose]
     init=he|torch: he is segcli's initialisation, torch re-applies PyTorch's default to the
                    decoder and head (what segcli did before) [he]
     aug=default|none|smp (hflip + scale 0.75-1.25 + crop) [default]
@@ -47,6 +48,7 @@ DEFAULTS = {
     "epochs": 4,
     "model": "segcli",
     "decoder": "",
+    "up": "transpose",
     "init": "he",
     "aug": "default",
     "loss": "ce",
@@ -100,6 +102,7 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
 
         return smp.Unet("resnet18", encoder_weights=None, classes=classes)
     extra = {"decoder_channels": opts["decoder"]} if opts["decoder"] else {}
+    extra["up"] = opts["up"]
     model = build_model("unet", "resnet18", 3, classes, **extra)
     if opts["init"] == "torch":
         for layer in [*model.decoder.modules(), *model.head.modules()]:

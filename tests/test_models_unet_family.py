@@ -19,18 +19,23 @@ SPEC_COUNTS = {
 
 @pytest.mark.parametrize(("backbone", "expected"), SPEC_COUNTS.items())
 def test_unet_parameter_counts_match_the_published_table(backbone, expected):
-    assert count_parameters(build_on_meta("unet", backbone, 3, 1)) == expected
+    model = build_on_meta("unet", backbone, 3, 1, decoder_channels="published")
+    assert count_parameters(model) == expected
 
 
 def test_meta_and_real_builds_count_the_same():
-    real = build_model("unet", "resnet18", classes=1)
+    real = build_model("unet", "resnet18", classes=1, decoder_channels="published")
     assert count_parameters(real) == SPEC_COUNTS["resnet18"]
+
+
+def test_plain_unet_keeps_the_published_decoder_by_default():
+    assert count_parameters(build_on_meta("unet", "none", 3, 1)) == SPEC_COUNTS["none"]
 
 
 @pytest.mark.parametrize(("backbone", "per_class"), [("none", 64), ("resnet34", 32)])
 def test_classes_change_only_the_head(backbone, per_class):
-    one = count_parameters(build_on_meta("unet", backbone, 3, 1))
-    five = count_parameters(build_on_meta("unet", backbone, 3, 5))
+    one = count_parameters(build_on_meta("unet", backbone, 3, 1, decoder_channels="published"))
+    five = count_parameters(build_on_meta("unet", backbone, 3, 5, decoder_channels="published"))
     assert five - one == 4 * per_class
 
 
@@ -125,7 +130,10 @@ def test_cgm_switches_off_absent_foreground_classes_only():
         ("nope", None, {}, "unknown architecture"),
         ("unet", "resnet9", {}, "not a backbone of unet"),
         ("unet", "resnet18", {"down": "conv"}, "--down conv"),
-        ("unet", "none", {"up": "nearest"}, "--up"),
+        ("unet", "none", {"up": "pixelshuffle"}, "--up"),
+        ("unetpp", "none", {"up": "nearest"}, "--up"),
+        ("unet", "none", {"decoder_channels": "256,128,64,32,16"}, "full-resolution"),
+        ("unet", "resnet18", {"decoder_channels": "lightest"}, "--decoder-channels"),
         ("unet", "none", {"cgm": True}, "no option cgm"),
     ],
 )
@@ -140,7 +148,7 @@ def test_decoder_upsampling_keeps_the_deep_path_at_the_skip_scale(backbone):
     # concatenated with, so the deep (semantic) path entered each decoder level attenuated and
     # training learnt slowly. He init keeps the two within a factor of 2 at every level.
     torch.manual_seed(0)
-    model = build_model("unet", backbone, 3, 4).train()
+    model = build_model("unet", backbone, 3, 4, decoder_channels="published").train()
     ratios = []
 
     def record(block, inputs, output):
@@ -172,3 +180,35 @@ def test_decoder_channels_build_the_lighter_decoder_they_name():
     assert count_parameters(light) == encoder + decoder + head
     with pytest.raises(UsageError, match="--decoder-channels"):
         build_model("unet", "resnet18", decoder_channels="256,128,64")
+
+
+def test_fast_decoder_is_the_resnet_default_and_counts_as_its_layout_says():
+    # The fast decoder by hand: nearest upsampling (no parameters), DoubleConv(previous + skip
+    # -> width) at 1/16..1/2, a fifth DoubleConv at full resolution without a skip, then a 3x3
+    # classifier with bias. A default that silently stayed published, a fifth block that took a
+    # skip, or a lost head bias each change the count.
+    def double_conv(c_in, c_out):
+        return 9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out
+
+    encoder = 11_689_512 - 513_000
+    widths, skips = (256, 128, 64, 32, 16), (256, 128, 64, 64, 0)
+    decoder, previous = 0, 512
+    for width, skip in zip(widths, skips, strict=True):
+        decoder += double_conv(previous + skip, width)
+        previous = width
+    classes = 3
+    head = 9 * 16 * classes + classes
+    default = build_on_meta("unet", "resnet18", 3, classes)
+    assert count_parameters(default) == encoder + decoder + head
+    named = build_on_meta("unet", "resnet18", 3, classes, decoder_channels="fast")
+    assert count_parameters(named) == count_parameters(default)
+    assert default.build_config["options"]["decoder_channels"] == "256,128,64,32,16"
+    assert default.build_config["options"]["up"] == "nearest"
+
+
+def test_fast_decoder_keeps_odd_sizes_and_learns_through_every_block():
+    model = build_model("unet", "resnet18", 3, 2)
+    out = model(torch.randn(2, 3, 45, 71))
+    assert out.shape == (2, 2, 45, 71)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())

@@ -106,6 +106,36 @@ def test_checkpoint_alone_rebuilds_the_model(tmp_path):
         assert model(torch.randn(1, 3, 40, 50)).shape == (1, 3, 40, 50)
 
 
+def test_a_checkpoint_from_before_the_fast_decoder_still_loads_as_published(tmp_path):
+    # Metadata exactly as segcli wrote it before the default ResNet decoder became `fast`:
+    # decoder_channels null meant the published decoder. Rebuilding with today's default would
+    # not fit the weights.
+    from segcli.engine.checkpoint import CheckpointInfo, save_checkpoint
+    from segcli.models import build_model
+
+    torch.manual_seed(0)
+    old = build_model("unet", "resnet18", 3, 2, decoder_channels="published").eval()
+    legacy = {
+        "arch": "unet",
+        "backbone": "resnet18",
+        "in_channels": 3,
+        "classes": 2,
+        "options": {
+            "up": "transpose",
+            "down": "maxpool",
+            "attention": "none",
+            "decoder_channels": None,
+        },
+    }
+    info = CheckpointInfo(legacy, {"names": ["a", "b"]}, (32, 32), (0.5,) * 3, (0.5,) * 3)
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(path, old, info)
+    model, _ = load_model(path)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), old(x))
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     # A step schedule does not depend on the total epoch count, so 2 + 2 epochs must retrace
     # 4 straight ones exactly: weights, optimizer moments, LR and data order.

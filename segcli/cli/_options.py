@@ -38,7 +38,11 @@ InChannels = Annotated[
 ]
 Up = Annotated[
     str | None,
-    typer.Option(help="UNet family upsampling: transpose | bilinear.", rich_help_panel=MODEL_PANEL),
+    typer.Option(
+        help="UNet family upsampling: transpose | bilinear | nearest (UNet only) "
+        "[the decoder's: nearest for fast, else transpose].",
+        rich_help_panel=MODEL_PANEL,
+    ),
 ]
 Down = Annotated[
     str | None,
@@ -92,7 +96,9 @@ FcWidth = Annotated[
 DecoderChannels = Annotated[
     str | None,
     typer.Option(
-        help="UNet decoder widths, deep to shallow, e.g. 256,128,64,32 [published 512,256,128,64].",
+        help="UNet decoder: published (512,256,128,64, the parameter table) | fast "
+        "(256,128,64,32,16, nearest up; 0.58x the FLOPs) | 4 or 5 widths, deep to shallow "
+        "[fast on ResNet encoders, else published].",
         rich_help_panel=MODEL_PANEL,
     ),
 ]

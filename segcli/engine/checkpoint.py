@@ -157,6 +157,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     return state, info
 
 
+def model_options(info: CheckpointInfo) -> dict[str, Any]:
+    """The model options a checkpoint was built with. Checkpoints written before UNet's default
+    decoder depended on the encoder recorded None for the published decoder they used."""
+    options = dict(info.model["options"])
+    if info.model["arch"] == "unet" and options.get("decoder_channels") is None:
+        options["decoder_channels"] = "published"
+    return options
+
+
 def load_model(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, CheckpointInfo]:
@@ -166,7 +175,7 @@ def load_model(
     state, info = read_checkpoint(path)
     spec = info.model
     model = build_model(
-        spec["arch"], spec["backbone"], spec["in_channels"], spec["classes"], **spec["options"]
+        spec["arch"], spec["backbone"], spec["in_channels"], spec["classes"], **model_options(info)
     )
     try:
         model.load_state_dict(state)

@@ -22,6 +22,7 @@ from torch import nn
 from segcli.engine.checkpoint import (
     CheckpointInfo,
     model_build_config,
+    model_options,
     read_checkpoint,
     save_checkpoint,
 )
@@ -244,7 +245,10 @@ class Trainer:
         # A resumed run's weights, pretrained ones included, come from its checkpoint: resuming
         # needs neither the network nor the original --backbone-weights file.
         weights: dict[str, Any] = {}
-        if not config.resume:
+        options = dict(config.model_options)
+        if config.resume:
+            options.update(model_options(info))
+        else:
             weights = {"pretrained": True} if config.pretrained else {}
             if config.backbone_weights:
                 weights["backbone_weights"] = config.backbone_weights
@@ -253,7 +257,7 @@ class Trainer:
             config.backbone,
             config.in_channels,
             self.data.model_classes,
-            **config.model_options,
+            **options,
             **weights,
         )
         self.backbone = model.build_config["backbone"]

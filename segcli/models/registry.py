@@ -95,6 +95,7 @@ def build_model(
         "backbone": backbone,
         "in_channels": in_channels,
         "classes": classes,
-        "options": {**known, **given},
+        # Builders that resolve defaults from other arguments record what they chose.
+        "options": {**known, **given, **getattr(model, "resolved_options", {})},
     }
     return model

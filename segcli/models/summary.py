@@ -81,14 +81,15 @@ def describe(
 def parameter_table(
     *, in_channels: int = 3, classes: int = 1, flops_size: tuple[int, int] | None = None
 ) -> list[ParamRow]:
-    """The published rows of SPEC.md section 1, then every other architecture at its default
-    backbone."""
+    """The published UNet/ResUNet rows (published decoder), the default ResUNet18 (fast
+    decoder), then every other architecture at its default backbone."""
+    common = {"in_channels": in_channels, "classes": classes, "flops_size": flops_size}
     rows = [
-        describe(
-            name, arch, backbone, in_channels=in_channels, classes=classes, flops_size=flops_size
-        )
+        describe(name, arch, backbone, decoder_channels="published", **common)
         for name, arch, backbone in PUBLISHED_ROWS
     ]
+    # What `seg train unet --backbone resnet18` builds by default, beside the published row.
+    rows.append(describe("ResUNet18 (fast decoder)", "unet", "resnet18", **common))
     for arch in MODELS:
         if arch != "unet":
             rows.append(
