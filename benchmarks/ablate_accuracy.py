@@ -36,11 +36,11 @@ from segcli.data import (
     check_dataset,
     default_normalization,
 )
-from segcli.engine.device import Precision
-from segcli.engine.evaluate import evaluate
-from segcli.engine.optim import build_optimizer, build_scheduler
+from segcli.device import Precision
+from segcli.infer.evaluate import evaluate
 from segcli.losses import build_loss
 from segcli.models import build_model
+from segcli.train.optim import build_optimizer, build_scheduler
 
 DEFAULTS = {
     "data": "../shared/data/stanford_background",

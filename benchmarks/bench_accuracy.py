@@ -245,9 +245,9 @@ def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
     round-robin, best of `--repeats`, so load from other processes hurts all alike."""
     import segmentation_models_pytorch as smp
 
-    from segcli.engine.device import cpu_has_native_bf16
-    from segcli.engine.optim import build_optimizer
+    from segcli.device import cpu_has_native_bf16
     from segcli.models import build_model
+    from segcli.train.optim import build_optimizer
 
     size = parse_size(args.size)
     models = {

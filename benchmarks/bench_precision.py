@@ -18,8 +18,8 @@ import json
 import torch
 
 from segcli.data import ClassMapping, SegmentationDataset, build_loader, check_dataset
-from segcli.engine.device import to_device
-from segcli.engine.inference import load_for_inference
+from segcli.device import to_device
+from segcli.infer.inference import load_for_inference
 from segcli.metrics import ConfusionMatrix
 
 

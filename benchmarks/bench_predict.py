@@ -28,19 +28,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segcli.data import ClassMapping
-from segcli.engine.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
-from segcli.engine.device import Precision, data_workers, resolve_device
-from segcli.engine.predict import (
-    PredictOptions,
-    Predictor,
+from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
+from segcli.cli.output import (
+    PredictionWriter,
     Streams,
     Summary,
     expand_inputs,
-    load_predictor,
     plan_jobs,
     predict,
 )
+from segcli.data import ClassMapping
+from segcli.device import Precision, data_workers, resolve_device
+from segcli.infer.predict import PredictOptions, Predictor, load_predictor
 from segcli.models import build_model
 
 SIZE = 512
@@ -93,13 +92,13 @@ def forward_rate(
     return rate
 
 
-def steady_rate(predictor: Predictor, folder: Path) -> Rate:
+def steady_rate(predictor: Predictor, writer: PredictionWriter, folder: Path) -> Rate:
     """The predict pipeline (DataLoader decoding, forward, resize back, PNG writes) on the
     already warmed-up model: the per-image rate of a long run."""
     found = expand_inputs([str(folder)], io.StringIO())
     jobs, _, _ = plan_jobs(found, predictor.options, sys.stderr)
     with Rate(len(jobs)) as rate:
-        predictor.run(jobs, Summary())
+        writer.write_all(predictor, jobs, Summary())
     return rate
 
 
@@ -145,13 +144,14 @@ def main() -> None:
         options = PredictOptions(
             out=root / "out", batch_size=args.batch_size, workers=args.workers, overwrite=True
         )
-        predictor = Predictor(model, info, precision, device, options, quiet_streams())
+        predictor = Predictor(model, info, precision, device, options)
+        writer = PredictionWriter(info, options, quiet_streams())
         batches = args.images // args.batch_size
         forward: list[Rate] = []
         end_to_end: list[Rate] = []
         for _ in range(args.repeats):
             forward.append(forward_rate(model, precision, device, args.batch_size, batches))
-            end_to_end.append(steady_rate(predictor, folder))
+            end_to_end.append(steady_rate(predictor, writer, folder))
         cold = cold_rate(checkpoint, folder, options)
         best_forward = max(rate.per_wall for rate in forward)
         report = {

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from segcli.engine.device import Precision, resolve_precision, to_device
-from segcli.engine.inference import class_probabilities
+from segcli.device import Precision, resolve_precision, to_device
+from segcli.infer.inference import class_logits
 from segcli.models import build_model
 
 PREFIXES = {"backbone.": "encoder.body.", "classifier.": "head.", "aux_classifier.": "aux_head."}
@@ -61,8 +61,8 @@ def interleaved(
 def pair(arch: str, size: int, iters: int, warmup: int, classes: int) -> None:
     from torchvision.models import segmentation as tvseg
 
-    from segcli.engine.checkpoint import CheckpointInfo, model_build_config
-    from segcli.engine.export import load_runner, traceable, write_onnx
+    from segcli.checkpoint import CheckpointInfo, model_build_config
+    from segcli.export import load_runner, traceable, write_onnx
 
     torch.manual_seed(0)
     reference = getattr(tvseg, f"{arch}_resnet50")(
@@ -96,7 +96,7 @@ def pair(arch: str, size: int, iters: int, warmup: int, classes: int) -> None:
 
     def segcli_default() -> torch.Tensor:
         with torch.inference_mode():
-            return class_probabilities(ours_cl, images, precision=default, device=cpu)
+            return class_logits(ours_cl, images, precision=default, device=cpu)
 
     def segcli_onnx() -> torch.Tensor:
         return torch.from_numpy(onnx_run(images.numpy()))

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from segcli.data.mock import generate
-from segcli.engine.device import resolve_precision, to_device
-from segcli.engine.optim import build_optimizer
+from segcli.device import resolve_precision, to_device
 from segcli.losses import build_loss
 from segcli.models import build_model
+from segcli.train.optim import build_optimizer
 
 
 def seg_train_rate(args: argparse.Namespace, data: Path, out: Path) -> float:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from segcli.engine import bench as bench_engine
+from segcli import bench as bench_engine
 from segcli.errors import UsageError
 
 TINY = bench_engine.BenchSpec(
@@ -58,14 +58,16 @@ def test_train_mode() -> None:
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_compare_matrix_lists_every_variant(monkeypatch, native_bf16: bool) -> None:
+def test_compare_matrix_lists_every_variant(monkeypatch, tmp_path, native_bf16: bool) -> None:
     # On a CPU without native bf16 the emulated variants are skipped unless asked for (they
     # took over half of --compare's time on an AVX2-only EPYC) and flagged when shown.
     import torch
 
-    from segcli.engine import device as device_module
+    from segcli import device as device_module
 
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(device_module, "measure_bf16_speedup", lambda purpose: 1.5)
+    monkeypatch.setenv("SEGCLI_CACHE_DIR", str(tmp_path))
     cpu = torch.device("cpu")
     names = [v.name for v in bench_engine.compare_matrix("infer", cpu)]
     assert names[0] == "eager fp32 NCHW"
@@ -77,7 +79,8 @@ def test_compare_matrix_lists_every_variant(monkeypatch, native_bf16: bool) -> N
     assert emulated == (
         [] if native_bf16 else ["eager bf16 channels_last", "compile bf16 channels_last"]
     )
-    # What seg predict uses here: bf16 + channels_last with native bf16, else fp32 channels_last.
+    # What seg predict uses here: bf16 + channels_last where native bf16 measured faster, else
+    # fp32 channels_last.
     default = bench_engine._segcli_default(cpu)
     assert default == bench_engine.Variant("bf16" if native_bf16 else "fp32", channels_last=True)
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.data import check_dataset
-from segcli.engine.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.models import build_model
 
 MODEL_SIZE = (32, 32)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segcli.engine import export as export_engine
-from segcli.engine.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
+from segcli import export as export_engine
+from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.errors import RuntimeFailure, UsageError
 from segcli.models import MODELS, build_model
 
@@ -38,7 +38,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export(checkpoint: Path, out: Path, **options: object) -> export_engine.ExportResult:
-    from segcli.engine.checkpoint import load_model
+    from segcli.checkpoint import load_model
 
     model, info = load_model(checkpoint)
     return export_engine.export_model(model, info, out, **options)
@@ -60,6 +60,9 @@ def test_onnx_contract_metadata_and_check(checkpoint: Path, tmp_path: Path) -> N
     assert info.class_names == ["background", "road", "car"]
     assert info.input_size == SIZE and info.mean == (0.485, 0.456, 0.406)
     assert json.loads(metadata["classes"]) == info.class_names
+    # The exported file carries the spec predict and eval follow for it.
+    assert json.loads(metadata["segcli"])["inference"]["size"] == list(SIZE)
+    assert info.spec.activation == "softmax" and info.spec.policy == "resize"
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])

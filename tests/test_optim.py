@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from segcli.engine.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
 from segcli.errors import UsageError
+from segcli.train.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
 
 
 def small_model() -> nn.Module:

@@ -14,25 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from segcli.checkpoint import CheckpointInfo, load_model, model_build_config, save_checkpoint
+from segcli.cli.output import OutputSpec, Streams, expand_inputs, predict
 from segcli.data import ClassMapping
-from segcli.engine.checkpoint import CheckpointInfo, load_model, model_build_config, save_checkpoint
-from segcli.engine.device import Precision
-from segcli.engine.inference import (
-    class_probabilities,
-    sliding_window_probabilities,
+from segcli.device import Precision
+from segcli.errors import RuntimeFailure, UsageError
+from segcli.infer.inference import (
+    class_logits,
+    sliding_window_logits,
     window_starts,
 )
-from segcli.engine.predict import (
-    Job,
-    OutputSpec,
-    PredictDataset,
-    PredictOptions,
-    Predictor,
-    Streams,
-    expand_inputs,
-    predict,
-)
-from segcli.errors import RuntimeFailure, UsageError
+from segcli.infer.predict import PredictDataset, PredictOptions, Predictor
 
 CPU = torch.device("cpu")
 FP32 = Precision(None, channels_last=False)
@@ -269,11 +261,10 @@ def test_threshold_is_for_binary_models(checkpoint: Path, images: Path, tmp_path
     logits = torch.log(probabilities / (1 - probabilities))
     low = OutputSpec.from_info(info, "index", threshold=0.3)
     high = OutputSpec.from_info(info, "index", threshold=0.5)
-    for scores, are_probabilities in ((probabilities, True), (logits, False)):
-        data, counts = low.render(scores, None, are_probabilities)
-        assert counts == [1, 2]
-        assert np.asarray(Image.open(io.BytesIO(data))).tolist() == [[0, 1, 1]]
-        assert high.render(scores, None, are_probabilities)[1] == [2, 1]
+    data, counts = low.render(logits, None)
+    assert counts == [1, 2]
+    assert np.asarray(Image.open(io.BytesIO(data))).tolist() == [[0, 1, 1]]
+    assert high.render(logits, None)[1] == [2, 1]
 
 
 # --- model input size ------------------------------------------------------------------------
@@ -293,9 +284,9 @@ def test_native_size_batches_equal_sizes_and_matches_one_by_one(
         Image.fromarray(pixels).save(folder / name)
     model, info = load_model(checkpoint, CPU)
     together = options(tmp_path / "together", size="native", batch_size=4)
-    predictor = Predictor(model, info, FP32, CPU, together, Streams())
-    jobs = [Job(folder / name, None) for name in sizes]
-    batches = [sorted(s.index for s in batch.samples) for batch in predictor.loader(jobs)]
+    predictor = Predictor(model, info, FP32, CPU, together)
+    paths = [folder / name for name in sizes]
+    batches = [sorted(s.index for s in batch.samples) for batch in predictor.loader(paths)]
     assert batches == [[0, 2, 3], [1]]
 
     run(checkpoint, [str(folder)], together)
@@ -345,13 +336,13 @@ def test_window_starts_cover_the_image_and_end_at_the_border() -> None:
 
 def test_tiling_of_a_pointwise_model_equals_the_untiled_output() -> None:
     """With a 1x1 model every window sees what the whole image shows, so the blend must give
-    back the untiled probabilities exactly: this checks the weighting and normalisation."""
+    back the untiled logits exactly: this checks the weighting and normalisation."""
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 4, 1).eval()
     image = torch.randn(3, 77, 131)
     with torch.inference_mode():
-        whole = class_probabilities(model, image[None], precision=FP32, device=CPU)[0]
-        tiled = sliding_window_probabilities(
+        whole = class_logits(model, image[None], precision=FP32, device=CPU)[0]
+        tiled = sliding_window_logits(
             model, image, tile=32, overlap=0.25, precision=FP32, device=CPU, tta=True
         )
     assert torch.allclose(tiled, whole, atol=1e-5)
@@ -362,21 +353,70 @@ def test_tiled_output_matches_untiled_within_border_tolerance(checkpoint: Path) 
     torch.manual_seed(0)
     image = torch.randn(3, 96, 80)
     with torch.inference_mode():
-        whole = class_probabilities(model, image[None], precision=FP32, device=CPU)[0]
-        one_window = sliding_window_probabilities(
+        whole = class_logits(model, image[None], precision=FP32, device=CPU)[0]
+        one_window = sliding_window_logits(
             model, image, tile=128, overlap=0.25, precision=FP32, device=CPU
         )
-        tiled = sliding_window_probabilities(
+        tiled = sliding_window_logits(
             model, image, tile=64, overlap=0.5, precision=FP32, device=CPU
         )
-    assert torch.allclose(one_window, whole, atol=1e-6)
-    # The UNet sees less context in a window than in the whole image, so values differ,
-    # most near window borders, where the Gaussian weights count least. Measured: mean 0.029,
-    # 82% equal labels. (With PyTorch's default init the untrained decoder barely used its deep,
-    # wide-context path and the same run gave 0.0014 and 98.6%; He init gives that path its
-    # full weight.) Unnormalised or unweighted blending is far off: see the pointwise test.
-    assert (tiled - whole).abs().mean() < 0.05
+    assert torch.equal(one_window, whole)
+    # The UNet sees less context in a window than in the whole image, so values differ, most
+    # near window borders, where the Gaussian weights count least. Unnormalised or unweighted
+    # blending is far off: see the pointwise test.
     assert (tiled.argmax(0) == whole.argmax(0)).float().mean() > 0.75
+
+
+def test_a_window_the_model_size_gives_the_untiled_masks(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    # Windows slide over the image resized to the training size (64 here), so a 64-pixel tile
+    # is the whole-image prediction: the same PNGs, byte for byte. Windows over native pixels
+    # (what --tile did before) show objects at another scale and differ.
+    run(checkpoint, [str(images)], options(tmp_path / "whole", tta=True))
+    run(checkpoint, [str(images)], options(tmp_path / "tiled", tile=64, tta=True))
+    for name in SIZES:
+        stem = Path(name).stem
+        whole = np.asarray(Image.open(tmp_path / "whole" / f"{stem}.png"))
+        tiled = np.asarray(Image.open(tmp_path / "tiled" / f"{stem}.png"))
+        assert np.array_equal(whole, tiled)
+
+
+def test_windows_are_cut_at_the_training_scale(checkpoint: Path, tmp_path: Path) -> None:
+    # A recording model: a 999x960 image with a 64x64 model and --tile 32 must only feed
+    # 32x32 windows cut from the 64x64 resized canvas (3 x 3 windows at overlap 0.25), never
+    # native-resolution pixels.
+    model, info = load_model(checkpoint)
+    seen: list[tuple[int, int]] = []
+
+    class Recording(torch.nn.Module):
+        size_divisor = model.size_divisor
+
+        def forward(self, x):
+            seen.extend([tuple(x.shape[-2:])] * len(x))
+            return model(x)
+
+    source = tmp_path / "big.png"
+    Image.new("RGB", (960, 999), (30, 90, 150)).save(source)
+    predictor = Predictor(Recording(), info, FP32, CPU, options(tmp_path / "o", tile=32))
+    (prediction,) = list(predictor.run([source]))
+    assert set(seen) == {(32, 32)} and len(seen) == 9
+    assert tuple(prediction.logits.shape[-2:]) == (999, 960)
+
+
+def test_tiles_smaller_than_the_model_stride_are_refused(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(UsageError, match="--tile 16 is smaller than the model's stride"):
+        run(checkpoint, [str(images)], options(tmp_path / "o", tile=16))
+
+
+def test_off_scale_sizes_warn_once(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    streams = run(checkpoint, [str(images)], options(tmp_path / "o", size="96x80"))
+    warnings = [line for line in streams.log.getvalue().splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "--size" in warnings[0] and "64x64" in warnings[0]
+    quiet = run(checkpoint, [str(images)], options(tmp_path / "q"))
+    assert "warning" not in quiet.log.getvalue()
 
 
 def test_cli_tiled_output_has_the_exact_input_size(
@@ -385,7 +425,7 @@ def test_cli_tiled_output_has_the_exact_input_size(
     source = tmp_path / "odd.png"
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (101, 75), dtype=np.uint8)).save(source)  # gray input
-    run(checkpoint, [str(source)], options(tmp_path / "o", tile=64, tta=True, batch_size=3))
+    run(checkpoint, [str(source)], options(tmp_path / "o", tile=32, tta=True, batch_size=3))
     with Image.open(tmp_path / "o" / "odd.png") as mask:
         assert (mask.height, mask.width) == (101, 75)
 
@@ -395,8 +435,8 @@ def test_tta_of_a_flip_invariant_model_changes_nothing() -> None:
     model = torch.nn.Conv2d(3, 2, 1).eval()
     batch = torch.randn(2, 3, 20, 30)
     with torch.inference_mode():
-        plain = class_probabilities(model, batch, precision=FP32, device=CPU)
-        flipped = class_probabilities(model, batch, precision=FP32, device=CPU, tta=True)
+        plain = class_logits(model, batch, precision=FP32, device=CPU)
+        flipped = class_logits(model, batch, precision=FP32, device=CPU, tta=True)
     assert torch.allclose(plain, flipped, atol=1e-6)
 
 
@@ -406,9 +446,10 @@ BIG_IMAGE_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import numpy as np, torch
     from PIL import Image
-    from segcli.engine.checkpoint import CheckpointInfo
-    from segcli.engine.device import Precision
-    from segcli.engine.predict import Job, PredictOptions, Predictor, Streams, Summary
+    from segcli.checkpoint import CheckpointInfo
+    from segcli.device import Precision
+    from segcli.cli.output import Job, PredictionWriter, Streams, Summary
+    from segcli.infer.predict import PredictOptions, Predictor
 
     torch.set_num_threads(2)
     folder = Path(sys.argv[1])
@@ -424,16 +465,15 @@ BIG_IMAGE_SCRIPT = textwrap.dedent(
     )
     options = PredictOptions(out=folder / "out", tile=256, workers=0, amp="off")
     lines = io.StringIO()
-    predictor = Predictor(
-        model, info, Precision(None, False), torch.device("cpu"), options,
-        Streams(lines=lines, log=sys.stderr),
-    )
+    predictor = Predictor(model, info, Precision(None, False), torch.device("cpu"), options)
+    writer = PredictionWriter(info, options, Streams(lines=lines, log=sys.stderr))
     # A small image first: the first run's one-off allocations (oneDNN kernels, thread pools,
     # libpng) are not per-image memory.
     Image.new("RGB", (300, 200)).save(folder / "small.png")
-    predictor.run([Job(folder / "small.png", folder / "out" / "small.png")], Summary())
+    small = Job(folder / "small.png", folder / "out" / "small.png")
+    writer.write_all(predictor, [small], Summary())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    predictor.run([Job(folder / "big.png", folder / "out" / "big.png")], Summary())
+    writer.write_all(predictor, [Job(folder / "big.png", folder / "out" / "big.png")], Summary())
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     size = Image.open(folder / "out" / "big.png").size
     print(json.dumps({"peak_increase_mb": (after - before) / 1024, "size": size}))
@@ -441,12 +481,11 @@ BIG_IMAGE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_tiled_2000x1500_image_in_bounded_memory(tmp_path: Path) -> None:
-    """Peak memory of a tiled run, decoding included. Untiled, even this 8-channel model would
-    hold 2000x1500x8 float32 activations of 96 MB each (a ResUNet18: 64 channels at half size,
-    192 MB each). Tiled, the windows cost a few MB; what remains scales with the output itself:
-    the normalised image, probability and weight accumulators and the labels (~110 MB;
-    measured 130 MB)."""
+def test_a_2000x1500_image_in_bounded_memory(tmp_path: Path) -> None:
+    """Peak memory of a tiled run on a large image, decoding included. The model runs at its
+    training scale (64x64 here), so only the decoded image, the logits restored to 2000x1500
+    and the labels scale with the input (~60 MB); running the 8-channel model at native
+    resolution would hold 2000x1500x8 float32 activations of 96 MB each."""
     result = subprocess.run(
         [sys.executable, "-c", BIG_IMAGE_SCRIPT, str(tmp_path)],
         capture_output=True,
@@ -496,7 +535,7 @@ def test_onnx_file_stands_in_for_the_checkpoint(
 def test_onnx_without_onnxruntime_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from segcli.engine.onnx_model import load_onnx
+    from segcli.infer.onnx_model import load_onnx
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(UsageError, match=r"pip install 'segcli\[onnx\]'"):

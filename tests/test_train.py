@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from segcli.engine.checkpoint import load_model, read_checkpoint
-from segcli.engine.config import TrainConfig
-from segcli.engine.optim import build_optimizer, build_scheduler
-from segcli.engine.state import load_training_state
-from segcli.engine.trainer import Trainer
+from segcli.checkpoint import load_model, read_checkpoint
 from segcli.errors import RuntimeFailure, UsageError
+from segcli.train.config import TrainConfig
+from segcli.train.optim import build_optimizer, build_scheduler
+from segcli.train.state import load_training_state
+from segcli.train.trainer import Trainer
 
 FAST = ["--size", "32", "--batch-size", "8", "--workers", "0", "--previews", "2"]
 RUN_FILES = {
@@ -110,7 +110,7 @@ def test_a_checkpoint_from_before_the_fast_decoder_still_loads_as_published(tmp_
     # Metadata exactly as segcli wrote it before the default ResNet decoder became `fast`:
     # decoder_channels null meant the published decoder. Rebuilding with today's default would
     # not fit the weights.
-    from segcli.engine.checkpoint import CheckpointInfo, save_checkpoint
+    from segcli.checkpoint import CheckpointInfo, save_checkpoint
     from segcli.models import build_model
 
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ class SteppedClock:
 def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monkeypatch):
     # Catches a time limit that is ignored (all 50 epochs run), one that overruns the budget,
     # or a schedule left unplanned (the cosine would still be near its peak at the end).
-    import segcli.engine.trainer as trainer_module
+    import segcli.train.trainer as trainer_module
 
     clock = SteppedClock(100.0)
     monkeypatch.setattr(trainer_module, "time", clock)
@@ -211,7 +211,7 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pa
     last = tmp_path / "run" / "last.safetensors"
     before = last.read_bytes()
 
-    import segcli.engine.trainer as trainer_module
+    import segcli.train.trainer as trainer_module
 
     real = trainer_module.compute_loss
 
@@ -438,8 +438,8 @@ def test_models_that_cannot_train_on_one_image_refuse_batch_size_1(seg, arch):
 def test_ddp_refuses_a_batch_larger_than_each_ranks_shard(tmp_path, monkeypatch):
     # 24 mock training images over 2 ranks are 12 per rank: batch 16 would give zero steps and
     # a scheduler error; it must be one line naming --batch-size, the shard and the world size.
-    import segcli.engine.trainer as trainer_module
-    from segcli.engine.distributed import DistContext
+    import segcli.train.trainer as trainer_module
+    from segcli.train.distributed import DistContext
 
     monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistContext(0, 2, 0))
     with pytest.raises(UsageError, match=r"--batch-size 16 .* shard of 12 .* 2 processes"):
@@ -448,8 +448,8 @@ def test_ddp_refuses_a_batch_larger_than_each_ranks_shard(tmp_path, monkeypatch)
 
 DDP_NAN_SCRIPT = """
 import os, sys
-import segcli.engine.trainer as trainer
-from segcli.engine.config import TrainConfig
+import segcli.train.trainer as trainer
+from segcli.train.config import TrainConfig
 from segcli.errors import SegError
 
 if os.environ["RANK"] == "1":  # a NaN on rank 1 only, from its first step of epoch 2

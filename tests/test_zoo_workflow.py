@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from segcli.engine.config import TrainConfig
-from segcli.engine.evaluate import evaluate_checkpoint
-from segcli.engine.trainer import Trainer
+from segcli.infer.evaluate import evaluate_checkpoint
+from segcli.train.config import TrainConfig
+from segcli.train.trainer import Trainer
 
 ZOO = [
     ("deeplabv3", "resnet18", {"output_stride": 16, "aux": True}),

@@ -57,9 +57,9 @@ def bench(
     device's dense (matmul and convolution) peak, which the command measures itself. With
     --compare: one table, fastest first, with each variant's speed-up and max abs difference
     from eager fp32."""
+    from segcli.bench import BenchSpec, Variant, compare_matrix, run_bench
     from segcli.data import parse_size
-    from segcli.engine.bench import BenchSpec, Variant, compare_matrix, run_bench
-    from segcli.engine.device import resolve_device
+    from segcli.device import resolve_device
     from segcli.errors import UsageError
 
     if compare and (dtype != "fp32" or channels_last or compile or onnx):

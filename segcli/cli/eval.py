@@ -38,7 +38,7 @@ def eval_command(
 
     The model is rebuilt from the checkpoint alone; scores come from one confusion matrix over
     the whole split."""
-    from segcli.engine.evaluate import evaluate_checkpoint
+    from segcli.infer.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         checkpoint,

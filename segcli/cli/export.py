@@ -50,10 +50,10 @@ def export(
     ONNX files have input `images`, output `logits`, and the checkpoint's classes, mean/std
     and input size in their metadata (key `segcli`). A check that fails exits 1 and writes no
     file."""
+    from segcli.checkpoint import load_model
     from segcli.data import parse_size
-    from segcli.engine.checkpoint import load_model
-    from segcli.engine.export import FORMATS, default_output, export_model
     from segcli.errors import choose
+    from segcli.export import FORMATS, default_output, export_model
 
     choose("--format", format, FORMATS)
     model, info = load_model(checkpoint, "cpu")

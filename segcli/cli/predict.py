@@ -119,8 +119,8 @@ def predict(
     --json), so `find imgs -name '*.png' | seg predict model.safetensors - --out masks/ | xargs
     ...` works. Unreadable inputs are reported on stderr and skipped (exit 1 at the end); a bad
     checkpoint exits 2."""
-    from segcli.engine.predict import PredictOptions
-    from segcli.engine.predict import predict as run_predict
+    from segcli.cli.output import predict as run_predict
+    from segcli.infer.predict import PredictOptions
 
     options = PredictOptions(
         out=None if out == "-" else Path(out),

@@ -156,14 +156,15 @@ def train(
     flags = {
         k: v for k, v in locals().items() if k not in {"config", "print_config", "json_output"}
     }
-    from segcli.engine.config import resolve_config
-    from segcli.engine.trainer import Trainer
+    from segcli.cli.progress import Reporter
+    from segcli.train.config import resolve_config
+    from segcli.train.trainer import Trainer
 
     options = {name: flags.pop(name) for name in MODEL_OPTION_NAMES}
     flags["model_options"] = {k: v for k, v in options.items() if v is not None}
     base = None
     if resume:
-        from segcli.engine.checkpoint import read_checkpoint
+        from segcli.checkpoint import read_checkpoint
 
         base = read_checkpoint(resume)[1].config
         base.pop("loss_resolved", None)
@@ -171,7 +172,7 @@ def train(
     if print_config:
         sys.stdout.write(resolved.to_toml())
         return
-    summary = Trainer(resolved).run()
+    summary = Trainer(resolved, Reporter()).run()
     if summary is None:  # a DDP rank other than 0: rank 0 reports
         return
     if json_output:

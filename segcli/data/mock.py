@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0, as shipped)")
     args = parser.parse_args(argv)
-    print(generate(args.out_dir, args.seed))
+    generate(args.out_dir, args.seed)
 
 
 if __name__ == "__main__":

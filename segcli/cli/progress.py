@@ -8,7 +8,7 @@ from typing import Any
 
 
 class Reporter:
-    """Receives training events; only rank 0 creates an active one."""
+    """Shows the trainer's events (segcli.train.trainer.TrainingEvents) on stderr."""
 
     def __init__(self, active: bool = True, force_plain: bool = False) -> None:
         from rich.console import Console

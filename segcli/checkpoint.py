@@ -6,8 +6,6 @@ a crash never leaves a half-written checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from torch import nn
 
 from segcli import __version__
 from segcli.errors import UsageError
+from segcli.files import atomic_write
+from segcli.infer.spec import InferenceSpec
 
 FORMAT = "segcli-checkpoint/1"
 METADATA_KEY = "segcli"
@@ -38,6 +38,22 @@ class CheckpointInfo:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = __version__
+    # The stored `inference` block, when the file has one (see segcli.infer.spec).
+    inference: dict[str, Any] | None = None
+
+    @property
+    def spec(self) -> InferenceSpec:
+        """How this model expects images: the stored block, or the legacy defaults that every
+        checkpoint written before the block was trained with."""
+        if self.inference is not None:
+            return InferenceSpec.from_dict(self.inference)
+        return InferenceSpec.legacy(
+            self.input_size,
+            int(self.model["in_channels"]),
+            self.mean,
+            self.std,
+            int(self.model["classes"]),
+        )
 
     @property
     def class_names(self) -> list[str]:
@@ -65,6 +81,7 @@ class CheckpointInfo:
             "config": self.config,
             "epoch": self.epoch,
             "metrics": self.metrics,
+            "inference": self.spec.to_dict(),
         }
         return json.dumps(data, allow_nan=False, default=str)
 
@@ -73,7 +90,7 @@ class CheckpointInfo:
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise ValueError(f"unknown checkpoint format {data.get('format')!r}")
-        return cls(
+        info = cls(
             model=data["model"],
             classes=data["classes"],
             input_size=tuple(data["input_size"]),
@@ -84,7 +101,10 @@ class CheckpointInfo:
             epoch=data.get("epoch", 0),
             metrics=data.get("metrics", {}),
             version=data.get("version", "unknown"),
+            inference=data.get("inference"),
         )
+        info.spec  # noqa: B018 - a newer or unknown spec is refused when the file is read
+        return info
 
 
 def model_build_config(model: nn.Module) -> dict[str, Any]:
@@ -92,26 +112,6 @@ def model_build_config(model: nn.Module) -> dict[str, Any]:
     config = dict(model.build_config)
     config["options"] = {k: v for k, v in config["options"].items() if k not in WEIGHT_OPTIONS}
     return config
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(temporary_path)`, then rename the file onto `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the suffix: some writers (torch.export.save) warn about others.
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
-    )
-    os.close(handle)
-    try:
-        write(temporary)
-        # mkstemp creates the file private (0600); give it the permissions of a normal file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -152,6 +152,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         )
     try:
         info = CheckpointInfo.from_json(metadata[METADATA_KEY])
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
     except (ValueError, KeyError) as error:
         raise UsageError(f"{path}: unreadable segcli metadata ({error})") from None
     return state, info

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segcli.engine.device import Precision, inference_mode, to_device
-from segcli.engine.inference import class_probabilities, labels_from_probabilities
+from segcli.device import Precision, inference_mode
+from segcli.infer.inference import class_logits
 from segcli.metrics import ConfusionMatrix
 
 
@@ -43,13 +43,7 @@ def evaluate(
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum, images
     with inference_mode(model):
         for images, masks in loader:
-            if tta:
-                scores = class_probabilities(
-                    model, images, precision=precision, device=device, tta=True
-                )
-            else:
-                with precision.autocast(device):
-                    scores = model(to_device(images, device, precision)).float()
+            scores = class_logits(model, images, precision=precision, device=device, tta=tta)
             pairs = (
                 [(score[None], mask[None]) for score, mask in zip(scores, masks, strict=True)]
                 if isinstance(masks, list)
@@ -61,10 +55,10 @@ def evaluate(
                     score = F.interpolate(
                         score, size=mask.shape[-2:], mode="bilinear", align_corners=False
                     )
-                if criterion is not None and not tta:
+                if criterion is not None:
                     loss_sum[0] += criterion(score, mask).double() * len(score)
                     loss_sum[1] += len(score)
-                matrix.update(labels_from_probabilities(score) if tta else score, mask)
+                matrix.update(score, mask)
     if distributed:
         matrix.all_reduce()
         torch.distributed.all_reduce(loss_sum)
@@ -95,9 +89,9 @@ def evaluate_checkpoint(
         mock_root,
         native_masks_collate,
     )
-    from segcli.engine.device import data_workers, resolve_device
-    from segcli.engine.inference import load_for_inference
+    from segcli.device import data_workers, resolve_device
     from segcli.errors import UsageError
+    from segcli.infer.inference import load_for_inference
 
     device = resolve_device(device_name)
     model, info, precision = load_for_inference(checkpoint, device, amp, compile)
@@ -105,14 +99,15 @@ def evaluate_checkpoint(
     report = check_dataset(data or mock_root(), mapping=mapping, required_splits=(split,))
     if split not in report.info.splits:
         raise UsageError(f"--split {split}: the dataset has no {split}/ folder")
+    spec = info.spec
     dataset = SegmentationDataset(
         report.info,
         split,
-        size=info.input_size,
-        in_channels=info.model["in_channels"],
+        size=spec.size,
+        in_channels=spec.in_channels,
         augment=None,
-        mean=info.mean,
-        std=info.std,
+        mean=spec.mean,
+        std=spec.std,
         native_masks=full_res,
     )
     loader = build_loader(

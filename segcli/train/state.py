@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from segcli.engine.checkpoint import atomic_write
 from segcli.errors import UsageError
+from segcli.files import atomic_write
 
 STATE_KEY = "segcli_training_state"
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.engine.device import Precision, compiled, resolve_precision
+from segcli.device import Precision, compiled, resolve_precision
 from segcli.errors import UsageError, choose
 
 MODES = ("infer", "train")
@@ -29,8 +29,6 @@ AMP_NAME = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
 DTYPE_NAME = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Training a forward + backward costs about 3 forwards (two matmuls per forward one).
 TRAIN_FLOP_FACTOR = 3
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -206,7 +204,7 @@ def _segcli_default(device: torch.device) -> Variant:
 def is_emulated(variant: Variant, device: torch.device) -> bool:
     """bf16 on a CPU without AVX512-BF16/AMX runs through conversions, several times slower
     than fp32 (0.14x on an AVX2-only EPYC for DeepLabv3-ResNet50)."""
-    from segcli.engine.device import cpu_has_native_bf16
+    from segcli.device import cpu_has_native_bf16
 
     return device.type == "cpu" and variant.dtype == "bf16" and not cpu_has_native_bf16()
 
@@ -227,7 +225,7 @@ def compare_matrix(
     if not include_emulated:
         variants = [v for v in variants if not is_emulated(v, device)]
     if mode == "infer" and device.type == "cpu":
-        from segcli.engine.export import onnx_available, onnxruntime_available
+        from segcli.export import onnx_available, onnxruntime_available
 
         if onnx_available() and onnxruntime_available():
             variants.append(Variant(onnx=True))
@@ -240,7 +238,7 @@ def compare_matrix(
 def _check_variant(variant: Variant, mode: str, device: torch.device) -> None:
     choose("--dtype", variant.dtype, DTYPES)
     if variant.onnx:
-        from segcli.engine.export import onnx_available, onnxruntime_available
+        from segcli.export import onnx_available, onnxruntime_available
 
         if mode != "infer" or device.type != "cpu":
             raise UsageError("--onnx benchmarks inference on CPU (--mode infer --device cpu)")
@@ -257,19 +255,17 @@ def _onnx_runner(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Export at the benchmark's exact shape (static shapes let ONNX Runtime plan memory and
     fuse more) and run the file with onnxruntime."""
-    from segcli.engine.checkpoint import CheckpointInfo, model_build_config
-    from segcli.engine.export import load_runner, traceable, write_onnx
+    from segcli.checkpoint import CheckpointInfo, model_build_config
+    from segcli.data import default_normalization
+    from segcli.export import load_runner, traceable, write_onnx
 
+    mean, std = default_normalization(spec.in_channels)
     info = CheckpointInfo(
         model=model_build_config(model),
         classes={"names": [str(i) for i in range(spec.classes)]},
         input_size=spec.size,
-        mean=IMAGENET_MEAN[: spec.in_channels]
-        if spec.in_channels == 3
-        else (0.5,) * spec.in_channels,
-        std=IMAGENET_STD[: spec.in_channels]
-        if spec.in_channels == 3
-        else (0.5,) * spec.in_channels,
+        mean=mean,
+        std=std,
     )
     path = os.path.join(folder, "model.onnx")
     with torch.no_grad(), traceable(model.cpu().float().eval()) as friendly:
@@ -412,7 +408,7 @@ def run_bench(
 ) -> dict[str, object]:
     """Time every variant on one seeded input batch; the first variant is the reference that
     speed-ups and differences are measured against. Results come back fastest first."""
-    from segcli.engine.device import resolve_device
+    from segcli.device import resolve_device
 
     if spec.iters < 1 or spec.warmup < 0 or spec.batch_size < 1:
         raise UsageError("--iters and --batch-size must be at least 1, --warmup at least 0")

@@ -12,22 +12,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.engine.checkpoint import (
+from segcli.checkpoint import (
     CheckpointInfo,
     model_build_config,
     model_options,
     read_checkpoint,
     save_checkpoint,
 )
-from segcli.engine.config import TrainConfig
-from segcli.engine.device import (
+from segcli.device import (
     Precision,
     compiled,
     data_workers,
@@ -35,24 +34,24 @@ from segcli.engine.device import (
     resolve_precision,
     to_device,
 )
-from segcli.engine.distributed import (
+from segcli.errors import RuntimeFailure, SegError, UsageError
+from segcli.infer.evaluate import evaluate
+from segcli.train.config import TrainConfig
+from segcli.train.distributed import (
     DistContext,
     ShardSampler,
     init_distributed,
     shutdown_distributed,
 )
-from segcli.engine.evaluate import evaluate
-from segcli.engine.optim import load_optimizer_state
-from segcli.engine.progress import Reporter
-from segcli.engine.report import append_jsonl, plot_curves, read_jsonl, save_preview
-from segcli.engine.state import (
+from segcli.train.optim import load_optimizer_state
+from segcli.train.report import append_jsonl, plot_curves, read_jsonl, save_preview
+from segcli.train.state import (
     check_pair,
     load_training_state,
     save_training_state,
     state_path_for,
     weights_digest,
 )
-from segcli.errors import RuntimeFailure, SegError, UsageError
 
 
 class TrainingInterrupted(SegError):
@@ -208,13 +207,47 @@ def compute_loss(
     return loss
 
 
+class TrainingEvents(Protocol):
+    """What the trainer reports while it runs; the CLI's progress reporter implements it."""
+
+    def log(self, message: str) -> None: ...
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def step(self, loss: float, lr: float, images_per_second: float) -> None: ...
+
+    def epoch_end(self, record: dict[str, Any], best: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SilentEvents:
+    """The default: training used as a library reports through metrics.jsonl and its return
+    value only."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, loss: float, lr: float, images_per_second: float) -> None:
+        pass
+
+    def epoch_end(self, record: dict[str, Any], best: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, reporter: Reporter | None = None) -> None:
+    def __init__(self, config: TrainConfig, reporter: TrainingEvents | None = None) -> None:
         self.config = config
         self.context: DistContext = init_distributed(config.device)
-        self.reporter = reporter or Reporter(active=self.context.is_main)
-        if not self.context.is_main:
-            self.reporter.active = False
+        # Only rank 0 reports: the other ranks of a DDP run would repeat every line.
+        active = reporter is not None and self.context.is_main
+        self.reporter: TrainingEvents = reporter if active else SilentEvents()
 
     # -- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -223,7 +256,9 @@ class Trainer:
             self.device = torch.device("cuda", context.local_rank)
         else:
             self.device = resolve_device(config.device)
-        self.precision: Precision = resolve_precision(config.amp, self.device, config.channels_last)
+        self.precision: Precision = resolve_precision(
+            config.amp, self.device, config.channels_last, purpose="train"
+        )
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -273,7 +308,7 @@ class Trainer:
         self.criterion = build_criterion(config, self.data, self.data.model_classes)
 
         from segcli.data import build_loader
-        from segcli.engine.optim import build_optimizer, build_scheduler
+        from segcli.train.optim import build_optimizer, build_scheduler
 
         train_sampler = None
         if context.enabled:
@@ -429,15 +464,15 @@ class Trainer:
         count = min(self.config.previews, len(self.data.val))
         if count == 0:
             return
-        from segcli.engine.inference import class_probabilities, labels_from_probabilities
+        from segcli.infer.inference import class_logits, labels_from_logits
 
         images, masks = zip(*(self.data.val[i] for i in range(count)), strict=True)
         self.model.eval()
         with torch.inference_mode():
-            probabilities = class_probabilities(
+            logits = class_logits(
                 self.model, torch.stack(images), precision=self.precision, device=self.device
             )
-        predictions = labels_from_probabilities(probabilities)
+        predictions = labels_from_logits(logits)
         for index in range(count):
             save_preview(
                 self.out / f"preview_{index}.png",

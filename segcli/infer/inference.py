@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from segcli.engine.device import Precision, compiled, resolve_precision, to_device
+from segcli.device import Precision, compiled, resolve_precision, to_device
 
 if TYPE_CHECKING:
-    from segcli.engine.checkpoint import CheckpointInfo
+    from segcli.checkpoint import CheckpointInfo
 
 
 def load_for_inference(
@@ -21,7 +21,7 @@ def load_for_inference(
 ) -> tuple[nn.Module, CheckpointInfo, Precision]:
     """A checkpoint's model ready to run as `seg eval` and `seg predict` run it: the precision
     `--amp` picks, channels_last when that precision wants it, and torch.compile on request."""
-    from segcli.engine.checkpoint import load_model
+    from segcli.checkpoint import load_model
 
     precision = resolve_precision(amp, device)
     model, info = load_model(checkpoint, device)
@@ -38,7 +38,7 @@ def probabilities_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def class_probabilities(
+def class_logits(
     model: nn.Module,
     images: torch.Tensor,
     *,
@@ -46,17 +46,18 @@ def class_probabilities(
     device: torch.device,
     tta: bool = False,
 ) -> torch.Tensor:
-    """N x K x H x W float32 probabilities (K = 1 for a binary model). With `tta`, the mean of
-    the probabilities of the image and its horizontal and vertical flips."""
+    """N x K x H x W float32 logits (K = 1 for a binary model). With `tta`, the mean of the
+    logits of the image and its horizontal and vertical flips: averaging in logit space keeps
+    one rule for every averaged prediction (flips, windows, ensembles), and the activation and
+    threshold come last."""
     images = to_device(images, device, precision)
     with precision.autocast(device):
-        probabilities = probabilities_from_logits(model(images))
+        logits = model(images).float()
         if tta:
             for dims in ((3,), (2,)):
-                flipped = model(torch.flip(images, dims))
-                probabilities += torch.flip(probabilities_from_logits(flipped), dims)
-            probabilities /= 3
-    return probabilities
+                logits += torch.flip(model(torch.flip(images, dims)).float(), dims)
+            logits /= 3
+    return logits
 
 
 def labels_from_probabilities(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -100,7 +101,7 @@ def gaussian_window(height: int, width: int, device: torch.device) -> torch.Tens
     return weights.clamp_(min=1e-3)
 
 
-def sliding_window_probabilities(
+def sliding_window_logits(
     model: nn.Module,
     image: torch.Tensor,
     *,
@@ -111,10 +112,11 @@ def sliding_window_probabilities(
     tta: bool = False,
     batch_size: int = 4,
 ) -> torch.Tensor:
-    """K x H x W float32 probabilities of one C x H x W image at its own resolution, from
-    `tile` x `tile` windows (smaller sides are used whole) overlapping by the fraction `overlap`,
-    run `batch_size` at a time and blended with Gaussian weights. Model memory depends on the
-    tile and batch size only; the two accumulators are the size of the output itself."""
+    """K x H x W float32 logits of one C x H x W image, from `tile` x `tile` windows (smaller
+    sides are used whole) overlapping by the fraction `overlap`, run `batch_size` at a time and
+    averaged with Gaussian weights. A window covering the whole image gives exactly the
+    untiled logits. Model memory depends on the tile and batch size only; the two accumulators
+    are the size of the output itself."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must lie in [0, 1), not {overlap}")
     _, height, width = image.shape
@@ -126,6 +128,8 @@ def sliding_window_probabilities(
         for top in window_starts(height, window_h, stride_h)
         for left in window_starts(width, window_w, stride_w)
     ]
+    if len(boxes) == 1:
+        return class_logits(model, image[None], precision=precision, device=device, tta=tta)[0]
     weights = gaussian_window(window_h, window_w, device)
     total: torch.Tensor | None = None  # K is known after the first batch
     weight_sum = torch.zeros(height, width, device=device)
@@ -134,12 +138,10 @@ def sliding_window_probabilities(
         windows = torch.stack(
             [image[:, top : top + window_h, left : left + window_w] for top, left in chunk]
         )
-        probabilities = class_probabilities(
-            model, windows, precision=precision, device=device, tta=tta
-        )
+        logits = class_logits(model, windows, precision=precision, device=device, tta=tta)
         if total is None:
-            total = torch.zeros(probabilities.shape[1], height, width, device=device)
-        for (top, left), window in zip(chunk, probabilities, strict=True):
+            total = torch.zeros(logits.shape[1], height, width, device=device)
+        for (top, left), window in zip(chunk, logits, strict=True):
             total[:, top : top + window_h, left : left + window_w] += window * weights
             weight_sum[top : top + window_h, left : left + window_w] += weights
     assert total is not None  # there is always at least one window

@@ -4,7 +4,7 @@ the exported file against PyTorch on random input.
 Export runs on CPU, in eval mode, in fp32. The file is written to a temporary name, checked,
 and only then renamed into place, so a model that exports wrongly never leaves a file behind.
 
-ONNX contract (relied on by `segcli.engine.onnx_model`): one input `images` (N x C x H x W
+ONNX contract (relied on by `segcli.infer.onnx_model`): one input `images` (N x C x H x W
 float32, already normalised), one output `logits` (N x classes x H x W); with dynamic shapes
 N, H and W are free. `metadata_props["segcli"]` holds `CheckpointInfo.to_json()`; the other
 metadata keys are conveniences for tools that do not parse it."""
@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segcli.engine.checkpoint import METADATA_KEY, CheckpointInfo, atomic_write
+from segcli.checkpoint import METADATA_KEY, CheckpointInfo
 from segcli.errors import RuntimeFailure, UsageError, choose
+from segcli.files import atomic_write
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcli.engine.checkpoint import METADATA_KEY, CheckpointInfo
+from segcli.checkpoint import METADATA_KEY, CheckpointInfo
 from segcli.errors import UsageError
 
 INPUT_NAME = "images"
@@ -74,6 +74,8 @@ def load_onnx(
         raise UsageError(f"{path}: ONNX file without segcli metadata; export it with `seg export`")
     try:
         info = CheckpointInfo.from_json(metadata[METADATA_KEY])
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
     except (ValueError, KeyError) as error:
         raise UsageError(f"{path}: unreadable segcli metadata ({error})") from None
     return OnnxSegModel(session), info

@@ -1,1 +1,0 @@
-"""The training engine: optimizers, learning-rate schedules and the training/evaluation loops."""

@@ -1,0 +1,35 @@
+"""Atomic file writes, shared by checkpoints, training state, exports, the precision cache and
+every output `seg predict` writes: a reader never sees a half-written file, and a crash or
+Ctrl-C leaves the previous file (or none) in place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call `write(temporary_path)` beside `path`, then rename the file onto `path` in one
+    step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name keeps the suffix: some writers (torch.export.save) warn about others.
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
+    )
+    os.close(handle)
+    try:
+        write(temporary)
+        # mkstemp creates the file private (0600); give it the permissions of a normal file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
