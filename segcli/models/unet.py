@@ -118,8 +118,9 @@ class UNet(SegmentationModel):
         if full_resolution_block:
             if reduction != 2:
                 raise UsageError(
-                    f"--decoder-channels: a fifth width adds a full-resolution block, but the "
-                    f"{backbone} encoder's shallowest features are at 1/{reduction}; give four"
+                    f"--decoder-channels: a fifth width adds a full-resolution block, but "
+                    f"--backbone {backbone} has its shallowest features at 1/{reduction} "
+                    "already; give four widths"
                 )
             skips.append(0)
             reduction = 1
