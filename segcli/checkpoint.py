@@ -150,13 +150,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise UsageError(
             f"{path}: a safetensors file without segcli metadata; not a seg checkpoint"
         )
+    return state, info_from_metadata(path, metadata[METADATA_KEY])
+
+
+def info_from_metadata(path: str | Path, text: str) -> CheckpointInfo:
+    """A file's `segcli` metadata, or a one-line UsageError naming `path`: what is unreadable,
+    or that a newer segcli wrote it."""
     try:
-        info = CheckpointInfo.from_json(metadata[METADATA_KEY])
+        return CheckpointInfo.from_json(text)
     except UsageError as error:
         raise UsageError(f"{path}: {error}") from None
     except (ValueError, KeyError) as error:
         raise UsageError(f"{path}: unreadable segcli metadata ({error})") from None
-    return state, info
 
 
 def model_options(info: CheckpointInfo) -> dict[str, Any]:

@@ -10,18 +10,16 @@ from typing import Any
 class Reporter:
     """Shows the trainer's events (segcli.train.trainer.TrainingEvents) on stderr."""
 
-    def __init__(self, active: bool = True, force_plain: bool = False) -> None:
+    def __init__(self) -> None:
         from rich.console import Console
 
-        self.active = active
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.rich = active and not force_plain and sys.stderr.isatty()
+        self.rich = sys.stderr.isatty()
         self._progress: Any = None
         self._task: Any = None
 
     def log(self, message: str) -> None:
-        if self.active:
-            self.console.print(message, markup=False)
+        self.console.print(message, markup=False)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         if not self.rich:

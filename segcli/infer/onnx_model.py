@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcli.checkpoint import METADATA_KEY, CheckpointInfo
+from segcli.checkpoint import METADATA_KEY, CheckpointInfo, info_from_metadata
 from segcli.errors import UsageError
 
 INPUT_NAME = "images"
@@ -72,10 +72,4 @@ def load_onnx(
     metadata = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in metadata:
         raise UsageError(f"{path}: ONNX file without segcli metadata; export it with `seg export`")
-    try:
-        info = CheckpointInfo.from_json(metadata[METADATA_KEY])
-    except UsageError as error:
-        raise UsageError(f"{path}: {error}") from None
-    except (ValueError, KeyError) as error:
-        raise UsageError(f"{path}: unreadable segcli metadata ({error})") from None
-    return OnnxSegModel(session), info
+    return OnnxSegModel(session), info_from_metadata(path, metadata[METADATA_KEY])

@@ -36,10 +36,6 @@ class InferenceSpec:
     threshold: float = 0.5
     version: int = SPEC_VERSION
 
-    @property
-    def binary(self) -> bool:
-        return self.activation == "sigmoid"
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
