@@ -29,6 +29,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from segcli.checkpoint import CheckpointInfo
 from segcli.data import (
     AugmentConfig,
     SegmentationDataset,
@@ -38,6 +39,7 @@ from segcli.data import (
 )
 from segcli.device import Precision
 from segcli.infer.evaluate import evaluate
+from segcli.infer.segmenter import Segmenter
 from segcli.losses import build_loss
 from segcli.models import build_model
 from segcli.train.optim import build_optimizer, build_scheduler
@@ -132,6 +134,14 @@ def main() -> None:
     schedule = build_scheduler(
         optimizer, "cosine", epochs=opts["epochs"], steps_per_epoch=len(loader)
     )
+    cpu = torch.device("cpu")
+    info = CheckpointInfo(
+        model={"arch": "unet", "in_channels": 3, "classes": classes},
+        classes=report.mapping.to_dict(),
+        input_size=(height, width),
+        mean=mean,
+        std=std,
+    )
     started, train_seconds = time.perf_counter(), 0.0
     for epoch in range(opts["epochs"]):
         model.train()
@@ -147,12 +157,10 @@ def main() -> None:
             seen += len(images)
         train_seconds += time.perf_counter() - epoch_started
         result = evaluate(
-            model,
+            Segmenter(model, info, device=cpu, precision=Precision(None, channels_last=True)),
             val_loader,
             scored_classes=classes,
             ignore_index=255,
-            device=torch.device("cpu"),
-            precision=Precision(None, channels_last=True),
         )
         iou = [None if v is None else round(v, 3) for v in result.metrics["iou"]]
         record = {

@@ -18,8 +18,7 @@ import json
 import torch
 
 from segcli.data import ClassMapping, SegmentationDataset, build_loader, check_dataset
-from segcli.device import to_device
-from segcli.infer.inference import load_for_inference
+from segcli.infer.segmenter import Segmenter
 from segcli.metrics import ConfusionMatrix
 
 
@@ -31,9 +30,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
 
-    cpu = torch.device("cpu")
-    model, info, fp32 = load_for_inference(args.checkpoint, cpu, "off")
-    fast, _, default = load_for_inference(args.checkpoint, cpu, "auto")
+    fp32 = Segmenter.load(args.checkpoint, device="cpu", amp="off")
+    default = Segmenter.load(args.checkpoint, device="cpu", amp="auto")
+    info = fp32.info
     mapping = ClassMapping.from_dict(info.classes)
     report = check_dataset(args.data, mapping=mapping, required_splits=(args.split,))
     dataset = SegmentationDataset(
@@ -53,14 +52,10 @@ def main() -> None:
     with torch.inference_mode():
         for images, masks in loader:
             labels = []
-            for net, precision, matrix in (
-                (model, fp32, matrices["a"]),
-                (fast, default, matrices["b"]),
-            ):
-                with precision.autocast(cpu):
-                    logits = net(to_device(images, cpu, precision)).float()
-                matrix.update(logits, masks)
-                labels.append(logits.argmax(1) if logits.shape[1] > 1 else (logits[:, 0] > 0))
+            for segmenter, matrix in ((fp32, matrices["a"]), (default, matrices["b"])):
+                predicted = segmenter.labels(segmenter.logits(images))
+                matrix.update(predicted, masks)
+                labels.append(predicted)
             agree += int((labels[0] == labels[1]).sum())
             pixels += labels[0].numel()
     fp32_miou = matrices["a"].to_json()["miou"]
@@ -72,8 +67,8 @@ def main() -> None:
                 "model": f"{info.model['arch']}/{info.model['backbone']}",
                 "input_size": list(info.input_size),
                 "images": len(dataset),
-                "default_precision": default.name,
-                "channels_last": default.channels_last,
+                "default_precision": default.precision.name,
+                "channels_last": default.precision.channels_last,
                 "argmax_agreement_percent": round(100 * agree / pixels, 3),
                 "miou_fp32": round(fp32_miou, 5),
                 "miou_default": round(default_miou, 5),

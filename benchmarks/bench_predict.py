@@ -38,8 +38,9 @@ from segcli.cli.output import (
     predict,
 )
 from segcli.data import ClassMapping
-from segcli.device import Precision, data_workers, resolve_device
-from segcli.infer.predict import PredictOptions, Predictor, load_predictor
+from segcli.device import data_workers
+from segcli.infer.predict import PredictOptions, Predictor
+from segcli.infer.segmenter import Segmenter
 from segcli.models import build_model
 
 SIZE = 512
@@ -78,17 +79,15 @@ class Rate:
         self.per_cpu = self.images / (cpu_seconds() - self.cpu)
 
 
-def forward_rate(
-    model: torch.nn.Module, precision: Precision, device: torch.device, batch: int, batches: int
-) -> Rate:
-    images = torch.randn(batch, 3, SIZE, SIZE, device=device)
-    if precision.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), precision.autocast(device):
-        model(images)  # warm-up: oneDNN picks and caches its kernels on the first call
+def forward_rate(segmenter: Segmenter, batch: int, batches: int) -> Rate:
+    """The model alone on preprocessed images, through the segmenter's run step (device,
+    precision, memory layout) and nothing else."""
+    images = torch.randn(batch, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        segmenter.logits(images)  # warm-up: oneDNN picks and caches its kernels on the first call
         with Rate(batch * batches) as rate:
             for _ in range(batches):
-                model(images)
+                segmenter.logits(images)
     return rate
 
 
@@ -138,19 +137,19 @@ def main() -> None:
         )
         checkpoint = root / "model.safetensors"
         save_checkpoint(checkpoint, model, info)
-        device = resolve_device("auto")
-        model, _, precision = load_predictor(checkpoint, device, "auto")
+        segmenter = Segmenter.load(checkpoint, device="auto", amp="auto")
+        device, precision = segmenter.device, segmenter.precision
 
         options = PredictOptions(
             out=root / "out", batch_size=args.batch_size, workers=args.workers, overwrite=True
         )
-        predictor = Predictor(model, info, precision, device, options)
-        writer = PredictionWriter(info, options, quiet_streams())
+        predictor = Predictor(segmenter, options)
+        writer = PredictionWriter(segmenter, options, quiet_streams())
         batches = args.images // args.batch_size
         forward: list[Rate] = []
         end_to_end: list[Rate] = []
         for _ in range(args.repeats):
-            forward.append(forward_rate(model, precision, device, args.batch_size, batches))
+            forward.append(forward_rate(segmenter, args.batch_size, batches))
             end_to_end.append(steady_rate(predictor, writer, folder))
         cold = cold_rate(checkpoint, folder, options)
         best_forward = max(rate.per_wall for rate in forward)

@@ -62,7 +62,7 @@ def pair(arch: str, size: int, iters: int, warmup: int, classes: int) -> None:
     from torchvision.models import segmentation as tvseg
 
     from segcli.checkpoint import CheckpointInfo, model_build_config
-    from segcli.export import load_runner, traceable, write_onnx
+    from segcli.export import load_exported, traceable, write_onnx
 
     torch.manual_seed(0)
     reference = getattr(tvseg, f"{arch}_resnet50")(
@@ -84,7 +84,7 @@ def pair(arch: str, size: int, iters: int, warmup: int, classes: int) -> None:
     path = f"/tmp/segcli-bench-{arch}.onnx"
     with torch.no_grad(), traceable(ours) as friendly:
         write_onnx(friendly, info, images, path, dynamic=False)
-    onnx_run = load_runner(path, "onnx")
+    onnx_run = load_exported(path, "onnx")
 
     def torchvision_fp32() -> torch.Tensor:
         with torch.inference_mode():
@@ -99,7 +99,7 @@ def pair(arch: str, size: int, iters: int, warmup: int, classes: int) -> None:
             return class_logits(ours_cl, images, precision=default, device=cpu)
 
     def segcli_onnx() -> torch.Tensor:
-        return torch.from_numpy(onnx_run(images.numpy()))
+        return onnx_run(images)
 
     runs = {
         "torchvision eager fp32": torchvision_fp32,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +24,12 @@ from torch import nn
 from segcli.device import Precision, compiled, resolve_precision
 from segcli.errors import UsageError, choose
 
-MODES = ("infer", "train")
+if TYPE_CHECKING:
+    from segcli.checkpoint import CheckpointInfo
+
+# infer: the model run exactly as seg predict calls it (`Segmenter.logits` on a normalised
+# batch); end-to-end: decode PNG files to label maps (`Segmenter.predict_batch`); train: a step.
+MODES = ("infer", "end-to-end", "train")
 DTYPES = ("fp32", "bf16", "fp16")
 AMP_NAME = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
 DTYPE_NAME = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -240,8 +246,10 @@ def _check_variant(variant: Variant, mode: str, device: torch.device) -> None:
     if variant.onnx:
         from segcli.export import onnx_available, onnxruntime_available
 
-        if mode != "infer" or device.type != "cpu":
-            raise UsageError("--onnx benchmarks inference on CPU (--mode infer --device cpu)")
+        if mode == "train" or device.type != "cpu":
+            raise UsageError(
+                "--onnx benchmarks inference on CPU (--mode infer or end-to-end, --device cpu)"
+            )
         if variant.dtype != "fp32" or variant.compile or variant.channels_last:
             raise UsageError(
                 "--onnx runs the fp32 ONNX graph; drop --dtype/--compile/--channels-last"
@@ -250,28 +258,33 @@ def _check_variant(variant: Variant, mode: str, device: torch.device) -> None:
             raise UsageError("--onnx needs onnx and onnxruntime: pip install 'segcli[onnx]'")
 
 
+def bench_info(model: nn.Module, spec: BenchSpec) -> CheckpointInfo:
+    """What a checkpoint of this model trained at the benchmark's size would carry."""
+    from segcli.checkpoint import CheckpointInfo, model_build_config
+    from segcli.data import default_normalization
+
+    mean, std = default_normalization(spec.in_channels)
+    return CheckpointInfo(
+        model=model_build_config(model),
+        classes={"names": [str(i) for i in range(max(spec.classes, 2))]},
+        input_size=spec.size,
+        mean=mean,
+        std=std,
+    )
+
+
 def _onnx_runner(
     model: nn.Module, images: torch.Tensor, spec: BenchSpec, folder: str
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Export at the benchmark's exact shape (static shapes let ONNX Runtime plan memory and
     fuse more) and run the file with onnxruntime."""
-    from segcli.checkpoint import CheckpointInfo, model_build_config
-    from segcli.data import default_normalization
-    from segcli.export import load_runner, traceable, write_onnx
+    from segcli.export import load_exported, traceable, write_onnx
 
-    mean, std = default_normalization(spec.in_channels)
-    info = CheckpointInfo(
-        model=model_build_config(model),
-        classes={"names": [str(i) for i in range(spec.classes)]},
-        input_size=spec.size,
-        mean=mean,
-        std=std,
-    )
+    info = bench_info(model, spec)
     path = os.path.join(folder, "model.onnx")
     with torch.no_grad(), traceable(model.cpu().float().eval()) as friendly:
         write_onnx(friendly, info, images.cpu(), path, dynamic=False)
-    run = load_runner(path, "onnx")
-    return lambda x: torch.from_numpy(run(x.numpy()))
+    return load_exported(path, "onnx")
 
 
 def _prepare(
@@ -305,27 +318,34 @@ def run_variant(
     setup = 0.0
     if variant.onnx:
         started = time.perf_counter()
-        runner = _onnx_runner(base, images, spec, folder)
+        model: Any = _onnx_runner(base, images, spec, folder)
         setup = time.perf_counter() - started
-        step: Callable[[], object] = lambda: runner(images)  # noqa: E731
+        precision = Precision(None, channels_last=False)
         peak_dtype = "fp32"
     else:
         model, precision = _prepare(base, variant, spec, device)
+        peak_dtype = variant.dtype
+    if spec.mode == "train":
         x = images.to(device)
         if precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        peak_dtype = variant.dtype
-        if spec.mode == "infer":
+        step = _train_step(model, precision, device, x, spec)
+    else:
+        from segcli.infer.segmenter import Segmenter
 
-            def step() -> torch.Tensor:
-                with torch.inference_mode(), precision.autocast(device):
-                    return model(x)
+        segmenter = Segmenter(model, bench_info(base, spec), device=device, precision=precision)
 
-        else:
-            step = _train_step(model, precision, device, x, spec)
+        def run_logits() -> torch.Tensor:
+            with torch.inference_mode():
+                return segmenter.logits(images)
+
+        step = run_logits
+        if spec.mode == "end-to-end":
+            files = _write_pngs(images, folder)
+            step = lambda: segmenter.predict_batch(files)  # noqa: E731
     times, first = time_steps(step, spec.iters, max(spec.warmup, 1), sync)
-    if spec.mode == "infer":
-        output = step().float().cpu()  # type: ignore[union-attr]
+    if spec.mode != "train":
+        output = run_logits().cpu()
     setup += max(first - percentile(times, 50), 0.0)
     images_per_s = spec.batch_size * len(times) / sum(times)
     flops_factor = TRAIN_FLOP_FACTOR if spec.mode == "train" else 1
@@ -350,6 +370,20 @@ def run_variant(
         emulated=is_emulated(variant, device),
     )
     return result, output
+
+
+def _write_pngs(images: torch.Tensor, folder: str) -> list[Path]:
+    """The benchmark batch as 8-bit PNG files, for the end-to-end mode to decode."""
+    from PIL import Image
+
+    paths = []
+    pixels = (images.clamp(-2, 2) * 63 + 128).round().to(torch.uint8)
+    for index, image in enumerate(pixels):
+        array = image.permute(1, 2, 0).numpy()
+        path = Path(folder) / f"image_{index}.png"
+        Image.fromarray(array[..., 0] if array.shape[2] == 1 else array[..., :3]).save(path)
+        paths.append(path)
+    return paths
 
 
 def _train_step(

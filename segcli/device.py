@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -216,8 +217,13 @@ def to_device(batch: torch.Tensor, device: torch.device, precision: Precision) -
 
 
 @contextlib.contextmanager
-def inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd, restoring the model's previous mode afterwards."""
+def inference_mode(model: Any) -> Iterator[None]:
+    """Eval mode and no autograd, restoring the model's previous mode afterwards. Models that are
+    not modules (an onnxruntime session) only get the no-autograd part."""
+    if not isinstance(model, torch.nn.Module):
+        with torch.inference_mode():
+            yield
+        return
     was_training = model.training
     model.eval()
     try:

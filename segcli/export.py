@@ -39,8 +39,6 @@ TOLERANCE = 1e-3
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
-Runner = Callable[[np.ndarray], np.ndarray]
-
 
 @dataclass
 class ExportResult:
@@ -51,6 +49,7 @@ class ExportResult:
     export_seconds: float
     bytes: int
     max_abs_diff: float | None  # None when the check was skipped
+    label_agreement: float | None  # on the decoded check image; None when skipped
     checked_shapes: list[tuple[int, ...]]
 
     def to_dict(self) -> dict[str, object]:
@@ -63,6 +62,7 @@ class ExportResult:
             "bytes": self.bytes,
             "max_abs_diff": self.max_abs_diff,
             "tolerance": TOLERANCE,
+            "label_agreement": self.label_agreement,
             "checked_shapes": [list(s) for s in self.checked_shapes],
         }
 
@@ -241,48 +241,98 @@ def _export_program(model: nn.Module, example: torch.Tensor, path: str, *, dynam
     torch.export.save(program, path)
 
 
-def load_runner(path: str, fmt: str) -> Runner:
-    """A numpy-in, numpy-out runner of an exported file (CPU)."""
+def load_exported(path: str, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exported file as a model callable on CPU tensors, the way the Segmenter runs it."""
     if fmt == "onnx":
         import onnxruntime
 
+        from segcli.infer.onnx_model import OnnxSegModel
+
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-    module = torch.jit.load(path) if fmt == "torchscript" else torch.export.load(path).module()
+        return OnnxSegModel(session)
+    if fmt == "torchscript":
+        return torch.jit.load(path)
+    return torch.export.load(path).module()
 
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return module(torch.from_numpy(images)).numpy()
 
-    return run
+def _failure(fmt: str, what: str, error: Exception) -> RuntimeFailure:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return RuntimeFailure(
+        f"exported {fmt} model fails on {what}: {type(error).__name__}: {first[:200]}"
+    )
+
+
+def check_image(in_channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A uint8 image as a decoder returns it, at a size training never saw (1.5x the model size,
+    odd sides): smooth shapes plus noise, so the labels have borders to disagree on."""
+    from segcli.data import image_from_array
+
+    height, width = size[0] * 3 // 2 + 7, size[1] * 3 // 2 + 5
+    generator = np.random.default_rng(0)
+    yy, xx = np.mgrid[:height, :width]
+    shapes = (np.sin(yy / 9.0) + np.cos(xx / 13.0) + 2) * 60
+    pixels = shapes[..., None] + generator.integers(0, 16, (height, width, 3))
+    array = np.clip(pixels, 0, 255).astype(np.uint8)
+    return image_from_array(array[..., 0] if in_channels == 1 else array)
+
+
+@dataclass
+class CheckResult:
+    max_abs_diff: float  # logits, over random inputs and the decoded image
+    label_agreement: float  # share of the decoded image's pixels with the same label
 
 
 def check_export(
-    model: nn.Module, path: str, fmt: str, shapes: list[tuple[int, ...]], seed: int = 0
-) -> float:
-    """Max absolute difference between the exported file and PyTorch over random inputs."""
-    runner = load_runner(path, fmt)
+    model: nn.Module,
+    info: CheckpointInfo,
+    path: str,
+    fmt: str,
+    shapes: list[tuple[int, ...]],
+    size: tuple[int, int],
+    image: torch.Tensor | None = None,
+    seed: int = 0,
+) -> CheckResult:
+    """The exported file against PyTorch: logits on random inputs of `shapes`, then a decoded
+        image through the one inference path (`Segmenter`: preprocessing, run, logits restored to
+        the image's size, labels) with the live model and with the file. `image`: a decoded image
+    (`data.read_image`); default `check_image`."""
+    from segcli.device import Precision
+    from segcli.infer.segmenter import Segmenter
+
+    exported = load_exported(path, fmt)
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for shape in shapes:
         images = torch.randn(*shape, generator=generator)
-        with torch.no_grad():
-            expected = model(images).numpy()
+        expected = model(images)
         try:
-            actual = runner(images.numpy())
+            actual = exported(images)
         except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise RuntimeFailure(
-                f"exported {fmt} model fails on input {list(shape)}: {type(error).__name__}: "
-                f"{first[:200]}"
-            ) from None
+            raise _failure(fmt, f"input {list(shape)}", error) from None
         if actual.shape != expected.shape:
             raise RuntimeFailure(
                 f"exported {fmt} model gives shape {list(actual.shape)} for input "
                 f"{list(shape)}, PyTorch {list(expected.shape)}"
             )
-        worst = max(worst, float(np.abs(actual - expected).max()))
-    return worst
+        worst = max(worst, float((actual - expected).abs().max()))
+    run = {
+        "device": torch.device("cpu"),
+        "precision": Precision(None, channels_last=False),
+        "size": size,
+    }
+    live, from_file = (Segmenter(net, info, **run) for net in (model, exported))
+    if image is None:
+        image = check_image(int(info.model["in_channels"]), size)
+    batch = live.preprocess(image)[None]
+    original = tuple(image.shape[-2:])
+    try:
+        logits = [s.restore(s.logits(batch), original) for s in (live, from_file)]
+    except Exception as error:
+        raise _failure(fmt, f"a decoded {original[0]}x{original[1]} image", error) from None
+    worst = max(worst, float((logits[0] - logits[1]).abs().max()))
+    labels = [s.labels(one) for s, one in zip((live, from_file), logits, strict=True)]
+    agreement = float((labels[0] == labels[1]).float().mean())
+    return CheckResult(worst, agreement)
 
 
 def export_model(
@@ -295,11 +345,13 @@ def export_model(
     dynamic: bool | None = None,
     opset: int = DEFAULT_OPSET,
     check: bool | None = None,
+    check_with: Path | None = None,
 ) -> ExportResult:
     """Export `model` (moved to CPU, eval, fp32) to `out`. `dynamic=None` means dynamic N, H, W
     except for TorchScript, whose tracer bakes the padding arithmetic in as constants.
     `check=None` checks whenever the runtime is there (onnxruntime for ONNX; always for the
-    torch formats)."""
+    torch formats); `check_with` is an image file for the decoded-image part of the check
+    (default: `check_image`)."""
     choose("--format", fmt, FORMATS)
     if dynamic is None:
         dynamic = fmt != "torchscript"
@@ -330,8 +382,15 @@ def export_model(
             f"sizes in steps of {divisor} from {2 * divisor}; pass such a --size or --static"
         )
     step = divisor if fmt == "exported-program" else 1
+    if check_with is not None and not check:
+        raise UsageError("--check-image is used by the check; drop --no-check")
+    image = None
+    if check_with is not None:
+        from segcli.data import read_image
+
+        image = read_image(check_with)
     shapes = _check_shapes(in_channels, size, dynamic, step)
-    outcome: dict[str, float | None] = {"max_abs_diff": None}
+    outcome: dict[str, float | None] = {"max_abs_diff": None, "label_agreement": None}
 
     def write(temporary: str) -> None:
         started = time.perf_counter()
@@ -353,8 +412,10 @@ def export_model(
             ) from None
         outcome["export_seconds"] = time.perf_counter() - started
         if check:
-            difference = check_export(model, temporary, fmt, shapes)
+            checked = check_export(model, info, temporary, fmt, shapes, size, image)
+            difference = checked.max_abs_diff
             outcome["max_abs_diff"] = difference
+            outcome["label_agreement"] = checked.label_agreement
             if not difference < TOLERANCE:
                 raise RuntimeFailure(
                     f"{fmt} export differs from PyTorch by {difference:.3g} (max abs, must be "
@@ -371,5 +432,6 @@ def export_model(
         export_seconds=float(outcome["export_seconds"] or 0.0),
         bytes=out.stat().st_size,
         max_abs_diff=outcome["max_abs_diff"],
+        label_agreement=outcome["label_agreement"],
         checked_shapes=shapes if check else [],
     )

@@ -116,3 +116,28 @@ def test_train_mode_times_batch_2_for_models_that_need_it() -> None:
     report = bench_engine.run_bench(spec, [bench_engine.Variant()], log=lines.append)
     assert report["batch_size"] == 2
     assert any("at least 2" in line for line in lines)
+
+
+def test_end_to_end_mode_times_decoding_to_label_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against end-to-end timing only the model: every timed step decodes each PNG file
+    of the batch (counted here), and its ONNX variant runs through the same Segmenter."""
+    import segcli.data
+
+    decoded: list[str] = []
+    read_image = segcli.data.read_image
+
+    def counting_read(path):
+        decoded.append(str(path))
+        return read_image(path)
+
+    monkeypatch.setattr(segcli.data, "read_image", counting_read)
+    spec = bench_engine.BenchSpec(
+        **{**TINY.__dict__, "batch_size": 2, "iters": 3, "warmup": 1, "mode": "end-to-end"}
+    )
+    variants = [bench_engine.Variant(), bench_engine.Variant(onnx=True)]
+    report = bench_engine.run_bench(spec, variants)
+    results = {r["variant"]: r for r in report["results"]}
+    assert report["mode"] == "end-to-end"
+    assert len(decoded) == 2 * 2 * (3 + 1)  # two variants, batch 2, timed and warm-up steps
+    assert all(path.endswith(".png") for path in decoded)
+    assert results["onnxruntime fp32"]["max_abs_diff"] < 1e-3

@@ -9,6 +9,7 @@ entry for entry, on images 3x the model size in gray, 16-bit, RGBA and RGB.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoin
 from segcli.data import check_dataset
 from segcli.models import build_model
 
-MODEL_SIZE = (32, 32)
+MODEL_SIZE = (64, 64)
 
 
 def write_dataset(root: Path, binary: bool) -> None:
@@ -50,9 +51,10 @@ def write_dataset(root: Path, binary: bool) -> None:
             Image.fromarray(mask).save(root / split / "masks" / f"{split}_{index}.png")
 
 
-def write_checkpoint(data: Path, path: Path) -> CheckpointInfo:
+def write_checkpoint(data: Path, path: Path, patches: bool = False) -> CheckpointInfo:
     """An untrained model with everything a trained checkpoint carries: both paths must agree
-    on any weights, and random ones leave no ties in the logits."""
+    on any weights, and random ones leave no ties in the logits. `patches`: as if trained with
+    --crop 32 --scale 0.5 (windows of 32 over each image halved)."""
     mapping = check_dataset(data).mapping
     classes = 1 if mapping.kind == "binary" else mapping.num_classes
     torch.manual_seed(0)
@@ -65,6 +67,9 @@ def write_checkpoint(data: Path, path: Path) -> CheckpointInfo:
         std=(0.229, 0.224, 0.225),
         ignore_index=mapping.ignore_index,
     )
+    if patches:
+        spec = dataclasses.replace(info.spec, policy="patches", size=(32, 32), scale=0.5)
+        info = dataclasses.replace(info, inference=spec.to_dict())
     save_checkpoint(path, model, info)
     return info
 
@@ -82,15 +87,34 @@ def score_pngs(data: Path, written: Path, classes: int) -> np.ndarray:
     return matrix
 
 
-@pytest.mark.parametrize("binary", [False, True], ids=["multiclass", "binary"])
-@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
-def test_eval_full_res_scores_exactly_what_predict_writes(seg, tmp_path, binary, tta):
+RUNS = [
+    (False, [], False),
+    (True, [], False),
+    (False, ["--tta"], False),
+    (True, ["--tta"], False),
+    # 64-pixel model, 32-pixel windows: 3 x 3 Gaussian-weighted windows per image.
+    (False, ["--tile", "32"], False),
+    (True, ["--tile", "32", "--tta"], False),
+    (True, ["--threshold", "0.55"], False),
+    # A patch model: no flag, windows of its 32-pixel patches over each image halved.
+    (False, [], True),
+]
+
+
+@pytest.mark.parametrize(
+    ("binary", "flags", "patches"),
+    RUNS,
+    ids=[
+        f"{'binary' if b else 'multiclass'}{''.join(f)}{'-patches' if p else ''}"
+        for b, f, p in RUNS
+    ],
+)
+def test_eval_full_res_scores_exactly_what_predict_writes(seg, tmp_path, binary, flags, patches):
     data = tmp_path / "data"
     write_dataset(data, binary)
     checkpoint = tmp_path / "model.safetensors"
-    info = write_checkpoint(data, checkpoint)
-    common = ["--batch-size", "3", "--workers", "0", "--device", "cpu", "--amp", "off"]
-    common += ["--tta"] if tta else []
+    info = write_checkpoint(data, checkpoint, patches)
+    common = ["--batch-size", "3", "--workers", "0", "--device", "cpu", "--amp", "off", *flags]
     out = tmp_path / "masks"
     predicted = seg(
         "predict", str(checkpoint), str(data / "val" / "images"), "--out", str(out), *common
@@ -103,3 +127,48 @@ def test_eval_full_res_scores_exactly_what_predict_writes(seg, tmp_path, binary,
     assert np.array_equal(np.asarray(report["confusion_matrix"]), expected)
     # Every class is predicted somewhere, so the comparison is not between two empty maps.
     assert (expected.sum(axis=0) > 0).sum() >= 2
+
+
+def test_a_threshold_changes_the_binary_masks(seg, tmp_path):
+    """Guards against --threshold being accepted but ignored by eval."""
+    data = tmp_path / "data"
+    write_dataset(data, binary=True)
+    checkpoint = tmp_path / "model.safetensors"
+    write_checkpoint(data, checkpoint)
+    common = ["--data", str(data), "--full-res", "--json", "--workers", "0", "--amp", "off"]
+    low = json.loads(seg("eval", str(checkpoint), *common, "--threshold", "0.05").stdout)
+    high = json.loads(seg("eval", str(checkpoint), *common, "--threshold", "0.95").stdout)
+    predicted_foreground = [np.asarray(r["confusion_matrix"])[:, 1].sum() for r in (low, high)]
+    assert predicted_foreground[0] > predicted_foreground[1]
+    assert low["threshold"] == 0.05
+
+
+def test_onnx_file_scores_like_its_checkpoint(seg, tmp_path):
+    """`seg eval model.onnx` goes through the same spec: mIoU within 1e-4 of the checkpoint,
+    logits within 1e-3 and labels agreeing on at least 99.99% of pixels."""
+    pytest.importorskip("onnxruntime")
+    from segcli.infer.segmenter import Segmenter
+
+    data = tmp_path / "data"
+    write_dataset(data, binary=False)
+    checkpoint = tmp_path / "model.safetensors"
+    write_checkpoint(data, checkpoint)
+    exported = seg("export", str(checkpoint), "--out", str(tmp_path / "model.onnx"))
+    assert exported.returncode == 0, exported.stderr
+    common = ["--data", str(data), "--full-res", "--json", "--workers", "0", "--amp", "off"]
+    scores = [
+        json.loads(seg("eval", str(path), *common).stdout)
+        for path in (checkpoint, tmp_path / "model.onnx")
+    ]
+    assert abs(scores[0]["miou"] - scores[1]["miou"]) < 1e-4
+    torch_run = Segmenter.load(checkpoint, device="cpu", amp="off")
+    onnx_run = Segmenter.load(tmp_path / "model.onnx", device="cpu")
+    for image in sorted((data / "val" / "images").iterdir()):
+        from segcli.data import read_image
+
+        batch = torch_run.preprocess(read_image(image))[None]
+        with torch.inference_mode():
+            expected, actual = torch_run.logits(batch), onnx_run.logits(batch)
+        assert torch.allclose(expected, actual, atol=1e-3)
+        agree = (torch_run.predict(image) == onnx_run.predict(image)).mean()
+        assert agree >= 0.9999

@@ -69,8 +69,8 @@ def test_onnx_contract_metadata_and_check(checkpoint: Path, tmp_path: Path) -> N
 def test_torch_formats_export_and_check(checkpoint: Path, tmp_path: Path, fmt: str) -> None:
     result = export(checkpoint, tmp_path / "m", fmt=fmt)
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3
-    runner = export_engine.load_runner(str(result.path), fmt)
-    assert runner(np.zeros((1, 3, *SIZE), np.float32)).shape == (1, 3, *SIZE)
+    exported = export_engine.load_exported(str(result.path), fmt)
+    assert exported(torch.zeros(1, 3, *SIZE)).shape == (1, 3, *SIZE)
 
 
 def test_unpadded_model_exports_a_program_free_in_every_size(tmp_path: Path) -> None:
@@ -80,8 +80,8 @@ def test_unpadded_model_exports_a_program_free_in_every_size(tmp_path: Path) -> 
     result = export(checkpoint, tmp_path / "d.pt2", fmt="exported-program")
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3
     assert any(shape[2] % 2 and shape[3] % 2 for shape in result.checked_shapes)
-    runner = export_engine.load_runner(str(result.path), "exported-program")
-    assert runner(np.zeros((3, 3, 45, 71), np.float32)).shape == (3, 3, 45, 71)
+    exported = export_engine.load_exported(str(result.path), "exported-program")
+    assert exported(torch.zeros(3, 3, 45, 71)).shape == (3, 3, 45, 71)
 
 
 def test_padded_program_needs_two_steps(checkpoint: Path, tmp_path: Path) -> None:
@@ -155,3 +155,57 @@ def test_every_architecture_exports(arch: str, fmt: str, tmp_path: Path) -> None
     size = (max(SIZE[0], 2 * divisor),) * 2  # dynamic programs start at two padding steps
     result = export(checkpoint, tmp_path / "m.out", fmt=fmt, size=size)
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3
+
+
+def test_check_runs_a_decoded_image_through_the_inference_path(
+    checkpoint: Path, tmp_path: Path, seg
+) -> None:
+    """Guards against the check seeing only random tensors: a user's image is decoded, resized
+    and normalised as seg predict does, run by both models and compared as logits and labels;
+    an unreadable --check-image is a one-line usage error and no file is written."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (77, 53, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "m.onnx"
+    done = seg("export", str(checkpoint), "--out", str(out), "--check-image", str(photo), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["label_agreement"] >= 0.9999 and report["max_abs_diff"] < 1e-3
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    refused = seg(
+        "export", str(checkpoint), "--out", str(tmp_path / "n.onnx"), "--check-image", str(broken)
+    )
+    assert refused.returncode == 2 and "broken.png" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_check_fails_when_the_file_disagrees_on_the_decoded_image(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that matches PyTorch on the random check shapes but not at the decoded image's
+    run (here: wrong only on inputs in the normalised range of real pixels) is
+    refused: the decoded image is part of the gate, not only a reported figure."""
+    real_load = export_engine.load_exported
+
+    def load_drifting(path: str, fmt: str):
+        exported = real_load(path, fmt)
+
+        def run(images: torch.Tensor) -> torch.Tensor:
+            logits = exported(images)
+            # Normalised pixels stay below (1 - 0.406) / 0.225 = 2.64; thousands of randn
+            # values always exceed 3 somewhere.
+            looks_like_a_photo = float(images.max()) < 3.0
+            return logits + 0.5 if looks_like_a_photo else logits
+
+        return run
+
+    monkeypatch.setattr(export_engine, "load_exported", load_drifting)
+    out = tmp_path / "drift.pt"
+    with pytest.raises(RuntimeFailure, match="differs from PyTorch"):
+        export(checkpoint, out, fmt="torchscript", dynamic=False)
+    assert not out.exists()

@@ -31,6 +31,7 @@ def test_every_checkpoint_stores_its_spec_and_reads_it_back(tmp_path):
         "version": 1,
         "policy": "resize",
         "size": [48, 64],
+        "scale": 1.0,
         "in_channels": 1,
         "mean": [0.4],
         "std": [0.3],
@@ -41,6 +42,9 @@ def test_every_checkpoint_stores_its_spec_and_reads_it_back(tmp_path):
     write(path, json.loads(info().to_json()))
     _, read = read_checkpoint(path)
     assert read.spec == InferenceSpec.from_dict(stored)
+    # Blocks written before `scale` existed (resize policy only) read as scale 1.
+    without_scale = {k: v for k, v in stored.items() if k != "scale"}
+    assert InferenceSpec.from_dict(without_scale) == read.spec
 
 
 def test_a_checkpoint_without_the_block_gets_the_legacy_defaults(tmp_path):

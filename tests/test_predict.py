@@ -16,7 +16,7 @@ from PIL import Image
 
 from segcli.checkpoint import CheckpointInfo, load_model, model_build_config, save_checkpoint
 from segcli.cli.output import OutputSpec, Streams, expand_inputs, predict
-from segcli.data import ClassMapping
+from segcli.data import ClassMapping, read_image
 from segcli.device import Precision
 from segcli.errors import RuntimeFailure, UsageError
 from segcli.infer.inference import (
@@ -25,6 +25,7 @@ from segcli.infer.inference import (
     window_starts,
 )
 from segcli.infer.predict import PredictDataset, PredictOptions, Predictor
+from segcli.infer.segmenter import Preprocess, Segmenter
 
 CPU = torch.device("cpu")
 FP32 = Precision(None, channels_last=False)
@@ -75,6 +76,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def options(out: Path | None, **overrides: object) -> PredictOptions:
     # No workers in-process: forking the pytest process is slower than decoding two tiny images.
     return PredictOptions(out=out, workers=0, amp="off", **overrides)
+
+
+def segmenter(model: object, info: CheckpointInfo, opts: PredictOptions) -> Segmenter:
+    return Segmenter(model, info, device=CPU, precision=FP32, **opts.segmenter_options())
 
 
 def run(checkpoint: Path, inputs: list[str], opts: PredictOptions, stdin: str = "") -> Streams:
@@ -284,7 +289,7 @@ def test_native_size_batches_equal_sizes_and_matches_one_by_one(
         Image.fromarray(pixels).save(folder / name)
     model, info = load_model(checkpoint, CPU)
     together = options(tmp_path / "together", size="native", batch_size=4)
-    predictor = Predictor(model, info, FP32, CPU, together)
+    predictor = Predictor(segmenter(model, info, together), together)
     paths = [folder / name for name in sizes]
     batches = [sorted(s.index for s in batch.samples) for batch in predictor.loader(paths)]
     assert batches == [[0, 2, 3], [1]]
@@ -295,7 +300,7 @@ def test_native_size_batches_equal_sizes_and_matches_one_by_one(
         mask = np.asarray(Image.open(tmp_path / "together" / name))
         assert mask.shape == (height, width)
         assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "alone" / name)))
-        image = PredictDataset([folder / name], info, None, False)[0][0]
+        image = PredictDataset([folder / name], Preprocess(None, info.spec), False)[0][0]
         with torch.inference_mode():
             expected = model(image[None]).argmax(1)[0].numpy()
         assert np.array_equal(mask, expected)
@@ -398,9 +403,41 @@ def test_windows_are_cut_at_the_training_scale(checkpoint: Path, tmp_path: Path)
 
     source = tmp_path / "big.png"
     Image.new("RGB", (960, 999), (30, 90, 150)).save(source)
-    predictor = Predictor(Recording(), info, FP32, CPU, options(tmp_path / "o", tile=32))
+    tiled = options(tmp_path / "o", tile=32)
+    predictor = Predictor(segmenter(Recording(), info, tiled), tiled)
     (prediction,) = list(predictor.run([source]))
     assert set(seen) == {(32, 32)} and len(seen) == 9
+    assert tuple(prediction.logits.shape[-2:]) == (999, 960)
+
+
+def test_a_patch_model_slides_its_patch_size_at_its_scale(checkpoint: Path, tmp_path: Path) -> None:
+    # A checkpoint trained on 64-pixel patches of images halved (--crop 64 --scale 0.5): with
+    # no flag, a 999x960 image is resized to 500x480 and only 64x64 windows of it are fed
+    # (ceil((500-64)/48)+1 = 11 by 10 at overlap 0.25); logits come back at 999x960.
+    import dataclasses
+
+    from segcli.infer.spec import InferenceSpec
+
+    model, info = load_model(checkpoint)
+    spec = dataclasses.replace(info.spec, policy="patches", size=(64, 64), scale=0.5)
+    info = dataclasses.replace(info, inference=InferenceSpec.to_dict(spec))
+    seen: list[tuple[int, int]] = []
+
+    class Recording(torch.nn.Module):
+        size_divisor = model.size_divisor
+
+        def forward(self, x):
+            seen.extend([tuple(x.shape[-2:])] * len(x))
+            return model(x)
+
+    source = tmp_path / "big.png"
+    Image.new("RGB", (960, 999), (30, 90, 150)).save(source)
+    plain = options(tmp_path / "o")
+    patches = segmenter(Recording(), info, plain)
+    assert patches.tile == 64 and patches.size is None and not patches.off_scale
+    assert tuple(patches.preprocess(read_image(source)).shape[-2:]) == (500, 480)
+    (prediction,) = list(Predictor(patches, plain).run([source]))
+    assert set(seen) == {(64, 64)} and len(seen) == 11 * 10
     assert tuple(prediction.logits.shape[-2:]) == (999, 960)
 
 
@@ -450,6 +487,7 @@ BIG_IMAGE_SCRIPT = textwrap.dedent(
     from segcli.device import Precision
     from segcli.cli.output import Job, PredictionWriter, Streams, Summary
     from segcli.infer.predict import PredictOptions, Predictor
+    from segcli.infer.segmenter import Segmenter
 
     torch.set_num_threads(2)
     folder = Path(sys.argv[1])
@@ -465,8 +503,12 @@ BIG_IMAGE_SCRIPT = textwrap.dedent(
     )
     options = PredictOptions(out=folder / "out", tile=256, workers=0, amp="off")
     lines = io.StringIO()
-    predictor = Predictor(model, info, Precision(None, False), torch.device("cpu"), options)
-    writer = PredictionWriter(info, options, Streams(lines=lines, log=sys.stderr))
+    segmenter = Segmenter(
+        model, info, device=torch.device("cpu"), precision=Precision(None, False),
+        **options.segmenter_options(),
+    )
+    predictor = Predictor(segmenter, options)
+    writer = PredictionWriter(segmenter, options, Streams(lines=lines, log=sys.stderr))
     # A small image first: the first run's one-off allocations (oneDNN kernels, thread pools,
     # libpng) are not per-image memory.
     Image.new("RGB", (300, 200)).save(folder / "small.png")

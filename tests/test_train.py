@@ -299,6 +299,11 @@ def test_config_file_and_flags_merge_with_flags_winning(seg, tmp_path):
         (["train", "unet", "--time-limit", "0"], "--time-limit"),
         (["train", "unet", "--decoder-channels", "256,128"], "--decoder-channels"),
         (["train", "unet", "--config", "/no/such.toml"], "such.toml"),
+        (["train", "unet", "--crop", "300"], "--crop 300 is larger than"),
+        (["train", "unet", "--crop", "128", "--scale", "0.5"], "--crop 128 is larger than"),
+        (["train", "unet", "--crop", "64", "--scale", "0"], "--scale 0"),
+        (["train", "unet", "--crop", "64", "--scale", "-1"], "--scale -1"),
+        (["train", "unet", "--scale", "0.5"], "add --crop"),
         (["eval", "/no/such.safetensors", "--batch-size", "2"], "no such checkpoint"),
     ],
 )
@@ -307,6 +312,29 @@ def test_bad_input_exits_2_with_one_line(seg, args, fragment):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_patch_training_stores_its_scale_and_eval_follows_it_with_no_flag(seg, tmp_path):
+    """--crop/--scale: the checkpoint says `patches` at 0.5x, and `seg eval` with no flag
+    slides 48-pixel windows over each halved image and reproduces training's own val score
+    (both go through the one inference path); a resize-policy run would score differently."""
+    from segcli.checkpoint import read_checkpoint
+
+    out = tmp_path / "run"
+    common = ["--workers", "0", "--device", "cpu", "--amp", "off", "--json"]
+    trained = seg(
+        "train", "unet", "--backbone", "resnet18", "--crop", "48", "--scale", "0.5",
+        "--epochs", "1", "--batch-size", "4", "--previews", "1", "--out", str(out), *common,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    spec = read_checkpoint(out / "best.safetensors")[1].spec
+    assert (spec.policy, spec.size, spec.scale) == ("patches", (48, 48), 0.5)
+    evaluated = seg("eval", str(out / "best.safetensors"), *common)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["full_res"] is True
+    assert report["miou"] == pytest.approx(json.loads(trained.stdout)["val"]["miou"], abs=1e-6)
+    assert (out / "preview_0.png").is_file()
 
 
 def test_a_file_that_is_not_a_checkpoint_exits_2(seg, tmp_path):

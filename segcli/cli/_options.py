@@ -133,7 +133,8 @@ Device = Annotated[
 Amp = Annotated[
     str,
     typer.Option(
-        help="auto | bf16 | fp16 | off (auto: bf16 on CPUs with native bf16 and on CUDA).",
+        help="auto | bf16 | fp16 | off (auto: bf16 on CUDA, and on CPUs where it is native "
+        "and measured faster than fp32; else fp32).",
         rich_help_panel=RUN_PANEL,
     ),
 ]
@@ -145,4 +146,29 @@ Workers = Annotated[
         rich_help_panel=RUN_PANEL,
         show_default=False,
     ),
+]
+
+# How an image becomes a mask: the same flags on seg predict and seg eval.
+Threshold = Annotated[
+    float | None,
+    typer.Option(
+        help="Foreground probability cut of a binary model [the checkpoint's, 0.5].",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
+Tile = Annotated[
+    int | None,
+    typer.Option(
+        help="Gaussian-weighted sliding windows of this many pixels over the image at the "
+        "scale the model was trained at (memory bound for big images).",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
+Overlap = Annotated[
+    float,
+    typer.Option(help="Window overlap fraction with --tile.", rich_help_panel=RUN_PANEL),
+]
+Tta = Annotated[
+    bool,
+    typer.Option("--tta", help="Average the logits of flipped images.", rich_help_panel=RUN_PANEL),
 ]

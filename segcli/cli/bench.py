@@ -18,7 +18,12 @@ def bench(
     size: Annotated[str, typer.Option(help="Input size N or HxW.")] = "512",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 1,
     mode: Annotated[
-        str, typer.Option(help="infer (eval, no autograd) | train (forward/backward/step).")
+        str,
+        typer.Option(
+            help="infer (seg predict's model call on a normalised batch) | end-to-end (PNG "
+            "files decoded to label maps, as the Python API's predict_batch) | train "
+            "(forward/backward/step)."
+        ),
     ] = "infer",
     device: Device = "auto",
     dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast).")] = "fp32",

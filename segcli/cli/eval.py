@@ -7,11 +7,14 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Amp, Device, Json, Workers
+from segcli.cli._options import Amp, Device, Json, Overlap, Threshold, Tile, Tta, Workers
 
 
 def eval_command(
-    checkpoint: Annotated[str, typer.Argument(help="A .safetensors checkpoint from seg train.")],
+    checkpoint: Annotated[
+        str,
+        typer.Argument(help="A .safetensors checkpoint from seg train, or an .onnx file."),
+    ],
     data: Annotated[
         str | None, typer.Option(help="Dataset folder [default: bundled mock data].")
     ] = None,
@@ -26,7 +29,10 @@ def eval_command(
             help="Score at each image's original size, on the masks seg predict would write.",
         ),
     ] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Average flipped predictions.")] = False,
+    tta: Tta = False,
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    threshold: Threshold = None,
     workers: Workers = None,
     compile_model: Annotated[
         bool,
@@ -36,8 +42,9 @@ def eval_command(
 ) -> None:
     """Score a checkpoint: per-class IoU, Dice and accuracy, with mIoU, mDice and pixel accuracy.
 
-    The model is rebuilt from the checkpoint alone; scores come from one confusion matrix over
-    the whole split."""
+    The model is rebuilt from the checkpoint alone and run exactly as seg predict runs it (same
+    preprocessing, --tta, --tile, --threshold); scores come from one confusion matrix over the
+    whole split."""
     from segcli.infer.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
@@ -49,6 +56,9 @@ def eval_command(
         amp=amp,
         full_res=full_res,
         tta=tta,
+        tile=tile,
+        overlap=overlap,
+        threshold=threshold,
         workers=workers,
         compile=compile_model,
     )

@@ -39,8 +39,17 @@ def export(
         bool | None,
         typer.Option(
             "--check/--no-check",
-            help="Run the exported model on random input and compare with PyTorch (max abs "
-            "difference must be below 1e-3). Default: on when the runtime is installed.",
+            help="Run the exported model on random input and on a decoded image through "
+            "seg predict's path, and compare with PyTorch (max abs logit difference must be "
+            "below 1e-3). Default: on when the runtime is installed.",
+        ),
+    ] = None,
+    check_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--check-image",
+            help="An image of yours for the check's decoded-image part [default: a generated "
+            "one 1.5x the model size].",
         ),
     ] = None,
     json_output: Json = False,
@@ -67,6 +76,7 @@ def export(
         dynamic=dynamic,
         opset=opset,
         check=check,
+        check_with=check_image,
     )
     if json_output:
         print(json.dumps(result.to_dict(), indent=2))
@@ -79,4 +89,7 @@ def export(
     if result.max_abs_diff is None:
         print("check: skipped", file=sys.stderr)
     else:
-        print(f"check: max abs difference {result.max_abs_diff:.3g} (tolerance 1e-3)")
+        print(
+            f"check: max abs difference {result.max_abs_diff:.3g} (tolerance 1e-3); "
+            f"labels agree on {100 * (result.label_agreement or 0):.3f}% of the check image"
+        )

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from segcli.checkpoint import CheckpointInfo
-from segcli.device import resolve_device
 from segcli.errors import ReaderGone, RuntimeFailure, UsageError
 from segcli.files import atomic_write_bytes
 from segcli.infer.inference import labels_from_logits, probabilities_from_logits
-from segcli.infer.predict import Prediction, PredictOptions, Predictor, load_predictor
+from segcli.infer.predict import Prediction, PredictOptions, Predictor
+from segcli.infer.segmenter import Segmenter
 
 STDIN = "-"
 # Overlay: how much of the class colour shows over the image.
@@ -187,11 +187,10 @@ class PredictionWriter:
     """Encodes each prediction, writes it atomically (or to stdout) and prints its path or JSON
     record as soon as it is ready."""
 
-    def __init__(self, info: CheckpointInfo, options: PredictOptions, streams: Streams) -> None:
-        threshold = 0.5 if options.threshold is None else options.threshold
+    def __init__(self, segmenter: Segmenter, options: PredictOptions, streams: Streams) -> None:
         self.options = options
         self.streams = streams
-        self.spec = OutputSpec.from_info(info, options.format, threshold)
+        self.spec = OutputSpec.from_info(segmenter.info, options.format, segmenter.threshold)
 
     def write_all(
         self,
@@ -256,21 +255,25 @@ def predict(
     bad checkpoint, flag or input list and RuntimeFailure when some inputs failed."""
     streams = streams or Streams()
     options.validate()
-    device = resolve_device(options.device)
-    model, info, precision = load_predictor(checkpoint, device, options.amp, options.compile)
-    predictor = Predictor(model, info, precision, device, options)
-    writer = PredictionWriter(info, options, streams)
-    trained = info.spec.size
-    if predictor.model_size != trained:
+    segmenter = Segmenter.load(
+        checkpoint,
+        device=options.device,
+        amp=options.amp,
+        compile=options.compile,
+        **options.segmenter_options(),
+    )
+    predictor = Predictor(segmenter, options)
+    writer = PredictionWriter(segmenter, options, streams)
+    if segmenter.off_scale:
         shown = (
             "each image's own size"
-            if predictor.model_size is None
-            else "x".join(map(str, predictor.model_size))
+            if segmenter.size is None
+            else "x".join(map(str, segmenter.size))
         )
         _report(
             streams.log,
             f"warning: --size runs the model at {shown}, off the scale it was trained at "
-            f"({trained[0]}x{trained[1]}); expect worse masks",
+            f"({segmenter.spec.describe()}); expect worse masks",
         )
     found = expand_inputs(inputs, streams.stdin)
     if not found:
@@ -297,7 +300,7 @@ def predict(
     _report(
         streams.log,
         f"predict: wrote {summary.written} of {len(found)} in {summary.seconds:.1f} s "
-        f"({rate:.2f} images/s, {precision.name} on {device.type}); "
+        f"({rate:.2f} images/s, {segmenter.precision.name} on {segmenter.device.type}); "
         f"{summary.failed} failed, {summary.skipped} skipped",
     )
     if summary.failed:

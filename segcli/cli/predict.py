@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import Amp, Device, Workers
+from segcli.cli._options import RUN_PANEL, Amp, Device, Overlap, Threshold, Tile, Tta, Workers
 
 OUTPUT_PANEL = "Output"
-RUN_PANEL = "Run"
 
 
 def predict(
@@ -43,13 +42,7 @@ def predict(
             rich_help_panel=OUTPUT_PANEL,
         ),
     ] = "index",
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="Foreground probability cut of a binary model [0.5].",
-            rich_help_panel=OUTPUT_PANEL,
-        ),
-    ] = None,
+    threshold: Threshold = None,
     json_output: Annotated[
         bool,
         typer.Option(
@@ -75,21 +68,9 @@ def predict(
             show_default=False,
         ),
     ] = None,
-    tile: Annotated[
-        int | None,
-        typer.Option(
-            help="Sliding windows of this size at native resolution (big images).",
-            rich_help_panel=RUN_PANEL,
-        ),
-    ] = None,
-    overlap: Annotated[
-        float,
-        typer.Option(help="Window overlap fraction with --tile.", rich_help_panel=RUN_PANEL),
-    ] = 0.25,
-    tta: Annotated[
-        bool,
-        typer.Option("--tta", help="Average flipped predictions.", rich_help_panel=RUN_PANEL),
-    ] = False,
+    tile: Tile = None,
+    overlap: Overlap = 0.25,
+    tta: Tta = False,
     batch_size: Annotated[
         int,
         typer.Option(

@@ -61,6 +61,17 @@ def train(
     ] = None,
     in_channels: Annotated[int | None, _opt("Input channels [default: 3].", DATA)] = None,
     size: Annotated[str | None, _opt("Training size N or HxW [default: 256].", DATA)] = None,
+    crop: Annotated[
+        int | None,
+        _opt(
+            "Train on random N x N patches at native resolution instead of whole images "
+            "resized to --size; eval and predict then slide N-pixel windows at that scale.",
+            DATA,
+        ),
+    ] = None,
+    scale: Annotated[
+        float | None, _opt("With --crop: resize images by this factor first [1].", DATA)
+    ] = None,
     augment: Annotated[
         bool | None, _opt("Augmentation on/off [default: on].", DATA, "--augment/--no-augment")
     ] = None,

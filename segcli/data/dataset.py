@@ -294,7 +294,9 @@ def scan_dataset(
 
 class SegmentationDataset(Dataset):
     """One split of a scanned dataset: `(image, mask)` with image float32 C×H×W normalised and
-    mask int64 H×W (class indices, `ignore_index` for ignored pixels), both resized to `size`."""
+    mask int64 H×W (class indices, `ignore_index` for ignored pixels), both resized to `size`.
+    With `scale` (native-resolution patches), images are resized by that factor instead and
+    `size` is the random crop (None: whole images, for sliding-window evaluation)."""
 
     def __init__(
         self,
@@ -306,6 +308,7 @@ class SegmentationDataset(Dataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         native_masks: bool = False,
+        scale: float | None = None,
     ) -> None:
         self.info = info
         self.split = split
@@ -316,7 +319,7 @@ class SegmentationDataset(Dataset):
         default_mean, default_std = default_normalization(in_channels)
         self.mean = tuple(mean) if mean is not None else default_mean
         self.std = tuple(std) if std is not None else default_std
-        self.transform = build_transforms(size, augment, self.mean, self.std)
+        self.transform = build_transforms(size, augment, self.mean, self.std, scale=scale)
         # Full-resolution scoring: the image is prepared for the model exactly as `seg predict`
         # prepares it (one antialiased resize of the decoded image, then normalisation) and the
         # mask stays at the image's own size, where predictions are scored.

@@ -139,6 +139,25 @@ def read_image(path: str | Path) -> torch.Tensor:
     return _to_output(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
 
 
+def image_from_array(image: np.ndarray | Image.Image) -> torch.Tensor:
+    """An in-memory image (a Pillow image, or an H×W / H×W×C numpy array) as `read_image`
+    returns files: C×H×W, uint8 kept, 16-bit scaled to [0, 1] float32, float kept."""
+    if isinstance(image, Image.Image):
+        array = _pil_image_array(image)
+    else:
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] > 4:
+            raise UsageError(
+                f"expected an H x W or H x W x C image array (C up to 4), got shape "
+                f"{list(array.shape)}"
+            )
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8) * 255
+    return _to_output(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
 def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask file to its raw values: H×W for single-channel masks (palette PNGs give their
     indices, 1-bit masks give 0/255, 16-bit masks uint16), H×W×3 uint8 for colour masks. Alpha

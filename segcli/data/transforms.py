@@ -135,17 +135,58 @@ class _ColorJitter(v2.ColorJitter):
         return super().transform(inpt, params)
 
 
+class Rescale(v2.Transform):
+    """Resize by a factor drawn uniformly from [low, high] per call (antialiased bilinear for
+    images, nearest for masks); low == high is a fixed factor, and 1 leaves the input as is."""
+
+    def __init__(self, low: float, high: float | None = None) -> None:
+        super().__init__()
+        self.low, self.high = low, low if high is None else high
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        factor = self.low + (self.high - self.low) * float(torch.rand(()))
+        return {"factor": factor}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        factor = params["factor"]
+        if factor == 1.0 or not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        size = [max(1, round(side * factor)) for side in inpt.shape[-2:]]
+        return v2.functional.resize(inpt, size, antialias=True)
+
+
+def zoom_range(scale: float, area: tuple[float, float] | None) -> tuple[float, float]:
+    """Patch training's scale jitter: the random resized crop's area range `(low, high)` read
+    as a zoom of sqrt(low) to 1/sqrt(low) around the training scale, so objects are seen both
+    smaller and larger than at inference, and on average at its scale."""
+    if area is None:
+        return scale, scale
+    side = area[0] ** 0.5
+    return scale * side, scale / side
+
+
 def build_transforms(
     size: tuple[int, int] | None,
     augment: AugmentConfig | None,
     mean: Sequence[float],
     std: Sequence[float],
+    scale: float | None = None,
 ) -> v2.Compose:
     """The joint pipeline: (random resized crop | resize), flips, rotation, colour jitter, then
     float conversion and normalisation. `augment=None` (evaluation) only resizes. `size=None`
-    keeps each image's own size."""
+    keeps each image's own size.
+
+    `scale` selects native-resolution patches (the `patches` policy): the image is resized by
+    `scale` (jittered by `zoom_range` when augmenting) instead of to `size`; with a `size`
+    (training) a random `size` crop of it is taken, padded with the ignore index where the
+    image is smaller; without one (evaluation) the whole rescaled image stays, for sliding
+    windows."""
     steps: list[v2.Transform] = []
-    if augment is not None and augment.scale is not None and size is not None:
+    if scale is not None:
+        steps.append(Rescale(*zoom_range(scale, augment.scale if augment else None)))
+        if size is not None:
+            steps.append(v2.RandomCrop(size, pad_if_needed=True, fill=_FILL))
+    elif augment is not None and augment.scale is not None and size is not None:
         steps.append(v2.RandomResizedCrop(size, scale=augment.scale, antialias=True))
     elif size is not None:
         steps.append(v2.Resize(size, antialias=True))

@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segcli.device import Precision, inference_mode
-from segcli.infer.inference import class_logits
+from segcli.device import inference_mode
+from segcli.infer.segmenter import Segmenter
 from segcli.metrics import ConfusionMatrix
 
 
@@ -24,41 +23,36 @@ class EvalResult:
 
 
 def evaluate(
-    model: nn.Module,
+    segmenter: Segmenter,
     loader: DataLoader,
     *,
     scored_classes: int,
     ignore_index: int,
-    device: torch.device,
-    precision: Precision,
     criterion: nn.Module | None = None,
-    tta: bool = False,
     distributed: bool = False,
 ) -> EvalResult:
-    """Score `model` on `loader`, whose batches are (images, masks): masks stacked at the model
-    size, or a list of masks at each image's original size (`native_masks_collate`), where each
-    image's scores are resized to its mask exactly as `seg predict` resizes them before
-    writing (bilinear, then argmax or threshold)."""
+    """Score `segmenter` on `loader`, whose batches are (images, masks): masks stacked at the
+    model size, or a list of masks at each image's original size (`native_masks_collate`), where
+    each image's logits are restored to its mask's size and labelled exactly as `seg predict`
+    does before writing."""
+    device = segmenter.device
     matrix = ConfusionMatrix(scored_classes, ignore_index, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # sum, images
-    with inference_mode(model):
+    with inference_mode(segmenter.model):
         for images, masks in loader:
-            scores = class_logits(model, images, precision=precision, device=device, tta=tta)
+            logits = segmenter.logits(images)
             pairs = (
-                [(score[None], mask[None]) for score, mask in zip(scores, masks, strict=True)]
+                [(one[None], mask[None]) for one, mask in zip(logits, masks, strict=True)]
                 if isinstance(masks, list)
-                else [(scores, masks)]
+                else [(logits, masks)]
             )
             for score, mask in pairs:
                 mask = mask.to(device, non_blocking=True)
-                if score.shape[-2:] != mask.shape[-2:]:
-                    score = F.interpolate(
-                        score, size=mask.shape[-2:], mode="bilinear", align_corners=False
-                    )
+                score = segmenter.restore(score, mask.shape[-2:])
                 if criterion is not None:
                     loss_sum[0] += criterion(score, mask).double() * len(score)
                     loss_sum[1] += len(score)
-                matrix.update(score, mask)
+                matrix.update(segmenter.labels(score), mask)
     if distributed:
         matrix.all_reduce()
         torch.distributed.all_reduce(loss_sum)
@@ -76,11 +70,15 @@ def evaluate_checkpoint(
     amp: str = "auto",
     full_res: bool = False,
     tta: bool = False,
+    tile: int | None = None,
+    overlap: float = 0.25,
+    threshold: float | None = None,
     workers: int | None = None,
     compile: bool = False,
 ) -> dict[str, Any]:
-    """Rebuild a model from its checkpoint alone and score it on a split of a dataset (the
-    checkpoint's class mapping decides how masks are read)."""
+    """Rebuild a model from its checkpoint (or exported ONNX file) alone and score it on a split
+    of a dataset (the checkpoint's class mapping decides how masks are read), through the same
+    Segmenter `seg predict` uses."""
     from segcli.data import (
         ClassMapping,
         SegmentationDataset,
@@ -89,30 +87,44 @@ def evaluate_checkpoint(
         mock_root,
         native_masks_collate,
     )
-    from segcli.device import data_workers, resolve_device
+    from segcli.device import data_workers
     from segcli.errors import UsageError
-    from segcli.infer.inference import load_for_inference
 
-    device = resolve_device(device_name)
-    model, info, precision = load_for_inference(checkpoint, device, amp, compile)
+    segmenter = Segmenter.load(
+        checkpoint,
+        device=device_name,
+        amp=amp,
+        compile=compile,
+        tta=tta,
+        tile=tile,
+        overlap=overlap,
+        threshold=threshold,
+        window_batch=batch_size,
+    )
+    info, device = segmenter.info, segmenter.device
     mapping = ClassMapping.from_dict(info.classes)
     report = check_dataset(data or mock_root(), mapping=mapping, required_splits=(split,))
     if split not in report.info.splits:
         raise UsageError(f"--split {split}: the dataset has no {split}/ folder")
     spec = info.spec
+    # A patch model sees each whole image at its training scale: scored at the image's own
+    # size, one image per batch (sizes differ; its windows are batched instead).
+    whole_images = segmenter.size is None
+    full_res = full_res or whole_images
     dataset = SegmentationDataset(
         report.info,
         split,
-        size=spec.size,
+        size=segmenter.size,
         in_channels=spec.in_channels,
         augment=None,
         mean=spec.mean,
         std=spec.std,
         native_masks=full_res,
+        scale=segmenter.scale if whole_images else None,
     )
     loader = build_loader(
         dataset,
-        batch_size,
+        1 if whole_images else batch_size,
         shuffle=False,
         workers=data_workers(workers, device),
         seed=0,
@@ -120,13 +132,7 @@ def evaluate_checkpoint(
         collate_fn=native_masks_collate if full_res else None,
     )
     result = evaluate(
-        model,
-        loader,
-        scored_classes=info.scored_classes,
-        ignore_index=info.ignore_index,
-        device=device,
-        precision=precision,
-        tta=tta,
+        segmenter, loader, scored_classes=info.scored_classes, ignore_index=info.ignore_index
     )
     return {
         "checkpoint": str(checkpoint),
@@ -134,7 +140,9 @@ def evaluate_checkpoint(
         "images": len(dataset),
         "full_res": full_res,
         "tta": tta,
-        "precision": precision.name,
+        "tile": tile,
+        "threshold": segmenter.threshold if info.binary else None,
+        "precision": segmenter.precision.name,
         "class_names": mapping.names,
         "epoch": info.epoch,
         **result.metrics,

@@ -1,35 +1,14 @@
-"""Inference shared by eval, predict and training-time validation: precision, test-time
-augmentation, and turning scores into class labels."""
+"""The model-running parts of the one inference path (`segcli.infer.segmenter`): precision,
+test-time flips, Gaussian sliding windows, and turning logits into labels or probabilities."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from segcli.device import Precision, compiled, resolve_precision, to_device
-
-if TYPE_CHECKING:
-    from segcli.checkpoint import CheckpointInfo
-
-
-def load_for_inference(
-    checkpoint: str | Path, device: torch.device, amp: str, compile: bool = False
-) -> tuple[nn.Module, CheckpointInfo, Precision]:
-    """A checkpoint's model ready to run as `seg eval` and `seg predict` run it: the precision
-    `--amp` picks, channels_last when that precision wants it, and torch.compile on request."""
-    from segcli.checkpoint import load_model
-
-    precision = resolve_precision(amp, device)
-    model, info = load_model(checkpoint, device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model = compiled(model)
-    return model, info, precision
+from segcli.device import Precision, to_device
 
 
 def probabilities_from_logits(logits: torch.Tensor) -> torch.Tensor:

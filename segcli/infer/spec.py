@@ -4,11 +4,14 @@ The `inference` block of a checkpoint's metadata says how training fed images to
 how its outputs become labels, so every consumer (validation, eval, predict, export checks,
 bench) prepares images one way:
 
-    {"version": 1, "policy": "resize", "size": [H, W], "in_channels": C,
-     "mean": [...], "std": [...], "activation": "softmax" | "sigmoid", "threshold": 0.5}
+    {"version": 1, "policy": "resize" | "patches", "size": [H, W], "scale": 1.0,
+     "in_channels": C, "mean": [...], "std": [...], "activation": "softmax" | "sigmoid",
+     "threshold": 0.5}
 
 `resize`: the decoded image is resized as a whole to `size` (antialiased bilinear), then
-scaled to [0, 1] and normalised with `mean`/`std`. Checkpoints written before the block
+scaled to [0, 1] and normalised with `mean`/`std`. `patches`: the model was trained on random
+`size` crops of images resized by `scale` (1: native resolution); inference resizes the whole
+image by `scale` and slides windows of `size` over it. Checkpoints written before the block
 existed were all trained that way, so a missing block means exactly that, with the
 checkpoint's top-level size, mean and std. A block with a newer version than this segcli
 reads is refused rather than guessed at."""
@@ -21,7 +24,7 @@ from typing import Any
 from segcli.errors import UsageError
 
 SPEC_VERSION = 1
-POLICIES = ("resize",)
+POLICIES = ("resize", "patches")
 ACTIVATIONS = ("softmax", "sigmoid")
 
 
@@ -34,13 +37,24 @@ class InferenceSpec:
     std: tuple[float, ...]
     activation: str
     threshold: float = 0.5
+    scale: float = 1.0  # patches: the factor images are resized by before windows are cut
     version: int = SPEC_VERSION
+
+    @property
+    def patches(self) -> bool:
+        return self.policy == "patches"
+
+    def describe(self) -> str:
+        """How training saw images, in a few words: `256x256` or `256x256 patches at 0.5x`."""
+        size = f"{self.size[0]}x{self.size[1]}"
+        return f"{size} patches at {self.scale:g}x" if self.patches else size
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "policy": self.policy,
             "size": list(self.size),
+            "scale": self.scale,
             "in_channels": self.in_channels,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -70,6 +84,7 @@ class InferenceSpec:
             std=tuple(float(v) for v in data["std"]),
             activation=data["activation"],
             threshold=float(data.get("threshold", 0.5)),
+            scale=float(data.get("scale", 1.0)),
             version=version,
         )
 

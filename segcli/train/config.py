@@ -28,6 +28,8 @@ class TrainConfig:
     foreground: int | None = None
     in_channels: int = 3
     size: str = "256"
+    crop: int | None = None  # native-resolution patches of crop x crop instead of --size
+    scale: float = 1.0  # with crop: images are resized by this factor first
     augment: bool = True
     scale_min: float = 0.5
     hflip: bool = True
@@ -89,6 +91,12 @@ class TrainConfig:
             raise UsageError(
                 f"--time-limit must be a positive number of minutes, not {self.time_limit}"
             )
+        if not 0 < self.scale <= 4:
+            raise UsageError(f"--scale {self.scale}: give a factor in (0, 4], e.g. 0.5 or 1")
+        if self.scale != 1.0 and self.crop is None:
+            raise UsageError("--scale resizes images for --crop patches; add --crop N")
+        if self.crop is not None and not 16 <= self.crop <= 16384:
+            raise UsageError(f"--crop {self.crop}: give a patch side from 16 to 16384 pixels")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
 

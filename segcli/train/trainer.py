@@ -30,12 +30,15 @@ from segcli.device import (
     Precision,
     compiled,
     data_workers,
+    inference_mode,
     resolve_device,
     resolve_precision,
     to_device,
 )
 from segcli.errors import RuntimeFailure, SegError, UsageError
 from segcli.infer.evaluate import evaluate
+from segcli.infer.segmenter import Segmenter
+from segcli.infer.spec import InferenceSpec
 from segcli.train.config import TrainConfig
 from segcli.train.distributed import (
     DistContext,
@@ -71,6 +74,9 @@ class RunData:
     size: tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Native-resolution patches (--crop): the factor images are resized by; None: whole images
+    # resized to `size`.
+    patch_scale: float | None = None
 
     @property
     def model_classes(self) -> int:
@@ -128,7 +134,10 @@ def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
     report = check_dataset(
         root, config.classes_file, foreground_value=config.foreground, mapping=mapping
     )
-    size = parse_size(config.size)
+    patches = config.crop is not None
+    size = (config.crop, config.crop) if patches else parse_size(config.size)
+    if patches:
+        check_crop(report.info, config.crop, config.scale)
     mean, std = default_normalization(config.in_channels)
     augment = AugmentConfig.from_flags(
         config.augment,
@@ -138,16 +147,44 @@ def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
         config.rotate,
         config.color_jitter,
     )
-    common = {"size": size, "in_channels": config.in_channels, "mean": mean, "std": std}
+    common = {"in_channels": config.in_channels, "mean": mean, "std": std}
+    scale = config.scale if patches else None
+    # Patch models validate on whole images (sliding windows, scored at the image's own size).
+    val_size = None if patches else size
     return RunData(
-        train=SegmentationDataset(report.info, "train", augment=augment, **common),
-        val=SegmentationDataset(report.info, "val", augment=None, **common),
+        train=SegmentationDataset(
+            report.info, "train", size=size, augment=augment, scale=scale, **common
+        ),
+        val=SegmentationDataset(
+            report.info, "val", size=val_size, scale=scale, native_masks=patches, **common
+        ),
         mapping=report.mapping,
         class_pixels=list(report.splits["train"].class_pixels),
         size=size,
         mean=tuple(mean),
         std=tuple(std),
+        patch_scale=scale,
     )
+
+
+def check_crop(info: Any, crop: int, scale: float) -> None:
+    """Refuse a --crop larger than the smallest training image at --scale (it would train on
+    padding), naming that image."""
+    from segcli.data import image_sizes
+
+    paths = [image for image, _ in info.pairs("train")]
+    found = [
+        (min(size), path) for path, size in zip(paths, image_sizes(paths), strict=True) if size
+    ]
+    if not found:
+        return
+    side, path = min(found)
+    if round(side * scale) < crop:
+        largest = round(side * scale)
+        raise UsageError(
+            f"--crop {crop} is larger than {path.name} ({side} px on its short side, "
+            f"{largest} at --scale {scale:g}); use --crop {largest} or less, or a larger --scale"
+        )
 
 
 def build_criterion(config: TrainConfig, data: RunData, model_classes: int) -> nn.Module:
@@ -307,7 +344,7 @@ class Trainer:
         self.model = model.to(self.device, memory_format=memory_format)
         self.criterion = build_criterion(config, self.data, self.data.model_classes)
 
-        from segcli.data import build_loader
+        from segcli.data import build_loader, native_masks_collate
         from segcli.train.optim import build_optimizer, build_scheduler
 
         train_sampler = None
@@ -332,9 +369,12 @@ class Trainer:
             drop_last=len(self.data.train) > batch,
             sampler=train_sampler,
         )
+        patches = self.data.patch_scale is not None
         self.val_loader = build_loader(
             self.data.val,
-            config.batch_size,
+            # Whole images of different sizes, each slid over by windows.
+            1 if patches else config.batch_size,
+            collate_fn=native_masks_collate if patches else None,
             shuffle=False,
             workers=workers,
             seed=config.seed,
@@ -424,8 +464,29 @@ class Trainer:
                 "to train further"
             )
 
+    def _segmenter(self) -> Segmenter:
+        """The live model behind the one inference path, as the checkpoint will describe it."""
+        return Segmenter(
+            self.model,
+            self._info(0, {}),
+            device=self.device,
+            precision=self.precision,
+            window_batch=self.config.batch_size,
+        )
+
     # -- files -------------------------------------------------------------------------------
     def _info(self, epoch: int, metrics: dict[str, Any]) -> CheckpointInfo:
+        inference = None
+        if self.data.patch_scale is not None:
+            inference = InferenceSpec(
+                policy="patches",
+                size=self.data.size,
+                in_channels=self.config.in_channels,
+                mean=self.data.mean,
+                std=self.data.std,
+                activation="sigmoid" if self.data.model_classes == 1 else "softmax",
+                scale=self.data.patch_scale,
+            ).to_dict()
         return CheckpointInfo(
             model=model_build_config(self.model),
             classes=self.data.mapping.to_dict(),
@@ -436,6 +497,7 @@ class Trainer:
             config={**self.config.to_dict(), "loss_resolved": self.criterion.describe()},
             epoch=epoch,
             metrics=metrics,
+            inference=inference,
         )
 
     def _save(self, epoch: int, record: dict[str, Any], best: bool) -> None:
@@ -464,21 +526,22 @@ class Trainer:
         count = min(self.config.previews, len(self.data.val))
         if count == 0:
             return
-        from segcli.infer.inference import class_logits, labels_from_logits
-
-        images, masks = zip(*(self.data.val[i] for i in range(count)), strict=True)
-        self.model.eval()
-        with torch.inference_mode():
-            logits = class_logits(
-                self.model, torch.stack(images), precision=self.precision, device=self.device
-            )
-        predictions = labels_from_logits(logits)
+        segmenter = self._segmenter()
         for index in range(count):
+            # A patch model's val image is at its scale and its mask at the image's own size:
+            # the prediction is restored to the mask, and the image shown at that size.
+            image, mask = self.data.val[index]
+            with inference_mode(self.model):
+                logits = segmenter.restore(segmenter.logits(image[None]), mask.shape[-2:])
+            if image.shape[-2:] != mask.shape[-2:]:
+                image = F.interpolate(
+                    image[None], size=mask.shape[-2:], mode="bilinear", align_corners=False
+                )[0]
             save_preview(
                 self.out / f"preview_{index}.png",
-                images[index],
-                masks[index],
-                predictions[index],
+                image,
+                mask,
+                segmenter.labels(logits)[0],
                 self.data.mean,
                 self.data.std,
                 self.data.mapping.palette,
@@ -619,12 +682,10 @@ class Trainer:
                         for buffer in self.model.buffers():
                             torch.distributed.broadcast(buffer, src=0)
                     result = evaluate(
-                        self.model,
+                        self._segmenter(),
                         self.val_loader,
                         scored_classes=scored,
                         ignore_index=self.data.mapping.ignore_index,
-                        device=self.device,
-                        precision=self.precision,
                         criterion=self.criterion,
                         distributed=context.enabled,
                     )
