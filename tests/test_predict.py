@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from segcli.checkpoint import CheckpointInfo, load_model, model_build_config, save_checkpoint
-from segcli.cli.output import OutputSpec, Streams, expand_inputs, predict
+from segcli.cli.output import Streams, expand_inputs, predict
 from segcli.data import ClassMapping, read_image
 from segcli.device import Precision
 from segcli.errors import RuntimeFailure, UsageError
+from segcli.infer.encode import OutputSpec
 from segcli.infer.inference import (
     class_logits,
     sliding_window_logits,
@@ -387,11 +388,8 @@ def test_a_window_the_model_size_gives_the_untiled_masks(
         assert np.array_equal(whole, tiled)
 
 
-def test_windows_are_cut_at_the_training_scale(checkpoint: Path, tmp_path: Path) -> None:
-    # A recording model: a 999x960 image with a 64x64 model and --tile 32 must only feed
-    # 32x32 windows cut from the 64x64 resized canvas (3 x 3 windows at overlap 0.25), never
-    # native-resolution pixels.
-    model, info = load_model(checkpoint)
+def recorder(model: torch.nn.Module) -> tuple[torch.nn.Module, list[tuple[int, int]]]:
+    """`model` wrapped to record the H x W of every input it is fed, one entry per image."""
     seen: list[tuple[int, int]] = []
 
     class Recording(torch.nn.Module):
@@ -401,10 +399,25 @@ def test_windows_are_cut_at_the_training_scale(checkpoint: Path, tmp_path: Path)
             seen.extend([tuple(x.shape[-2:])] * len(x))
             return model(x)
 
-    source = tmp_path / "big.png"
+    return Recording(), seen
+
+
+def big_image(folder: Path) -> Path:
+    """A 999 x 960 image, as from a retina camera."""
+    source = folder / "big.png"
     Image.new("RGB", (960, 999), (30, 90, 150)).save(source)
+    return source
+
+
+def test_windows_are_cut_at_the_training_scale(checkpoint: Path, tmp_path: Path) -> None:
+    # A recording model: a 999x960 image with a 64x64 model and --tile 32 must only feed
+    # 32x32 windows cut from the 64x64 resized canvas (3 x 3 windows at overlap 0.25), never
+    # native-resolution pixels.
+    model, info = load_model(checkpoint)
+    recording, seen = recorder(model)
+    source = big_image(tmp_path)
     tiled = options(tmp_path / "o", tile=32)
-    predictor = Predictor(segmenter(Recording(), info, tiled), tiled)
+    predictor = Predictor(segmenter(recording, info, tiled), tiled)
     (prediction,) = list(predictor.run([source]))
     assert set(seen) == {(32, 32)} and len(seen) == 9
     assert tuple(prediction.logits.shape[-2:]) == (999, 960)
@@ -421,19 +434,10 @@ def test_a_patch_model_slides_its_patch_size_at_its_scale(checkpoint: Path, tmp_
     model, info = load_model(checkpoint)
     spec = dataclasses.replace(info.spec, policy="patches", size=(64, 64), scale=0.5)
     info = dataclasses.replace(info, inference=InferenceSpec.to_dict(spec))
-    seen: list[tuple[int, int]] = []
-
-    class Recording(torch.nn.Module):
-        size_divisor = model.size_divisor
-
-        def forward(self, x):
-            seen.extend([tuple(x.shape[-2:])] * len(x))
-            return model(x)
-
-    source = tmp_path / "big.png"
-    Image.new("RGB", (960, 999), (30, 90, 150)).save(source)
+    recording, seen = recorder(model)
+    source = big_image(tmp_path)
     plain = options(tmp_path / "o")
-    patches = segmenter(Recording(), info, plain)
+    patches = segmenter(recording, info, plain)
     assert patches.tile == 64 and patches.size is None and not patches.off_scale
     assert tuple(patches.preprocess(read_image(source)).shape[-2:]) == (500, 480)
     (prediction,) = list(Predictor(patches, plain).run([source]))

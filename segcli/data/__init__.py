@@ -14,6 +14,7 @@ from typing import Any
 _EXPORTS = {
     "read_image": "io",
     "image_from_array": "io",
+    "decode_image_bytes": "io",
     "read_mask": "io",
     "to_channels": "io",
     "IMAGE_EXTENSIONS": "io",

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -66,12 +67,16 @@ def _png_is_palette(data: torch.Tensor) -> bool:
     )
 
 
-def _decode_torchvision(path: Path, data: torch.Tensor, *, as_mask: bool) -> torch.Tensor:
+def _decode_torchvision(
+    path: Path, data: torch.Tensor, *, as_mask: bool, file: BinaryIO | None = None
+) -> torch.Tensor:
+    """`file`: the encoded bytes as a file, when they come from memory rather than `path`."""
     from torchvision.io import ImageReadMode, decode_image
 
     mode = ImageReadMode.UNCHANGED
     if not as_mask and _png_is_palette(data):
-        mode = ImageReadMode.RGB_ALPHA if _pil_has_transparency(path) else ImageReadMode.RGB
+        transparent = _pil_has_transparency(file if file is not None else path)
+        mode = ImageReadMode.RGB_ALPHA if transparent else ImageReadMode.RGB
     try:
         with _quiet():
             tensor = decode_image(data, mode=mode)
@@ -82,14 +87,14 @@ def _decode_torchvision(path: Path, data: torch.Tensor, *, as_mask: bool) -> tor
     return tensor
 
 
-def _pil_has_transparency(path: Path) -> bool:
-    with Image.open(path) as image:
+def _pil_has_transparency(source: Path | BinaryIO) -> bool:
+    with Image.open(source) as image:
         return "transparency" in image.info
 
 
-def _open_pil(path: Path) -> Image.Image:
+def _open_pil(path: Path, file: BinaryIO | None = None) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = Image.open(file if file is not None else path)
         image.seek(0)  # first frame of a multi-page TIFF or animated GIF
         image.load()
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
@@ -135,6 +140,22 @@ def read_image(path: str | Path) -> torch.Tensor:
     if path.suffix.lower() in _TORCHVISION_EXTENSIONS:
         return _to_output(_decode_torchvision(path, _read_bytes(path), as_mask=False))
     with _open_pil(path) as image:
+        array = _pil_image_array(image)
+    return _to_output(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
+
+
+def decode_image_bytes(data: bytes, source: str = "image") -> torch.Tensor:
+    """`read_image` for an encoded image in memory (an upload): the same decoders, chosen by
+    the bytes' signature instead of a file suffix, and the same conversions, so a served image
+    becomes exactly the tensor `seg predict` makes of the same file. Errors name `source`."""
+    import io
+
+    path = Path(source)
+    if data[:8] == _PNG_SIGNATURE or data[:3] == b"\xff\xd8\xff" or data[:4] == b"GIF8":
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        decoded = _decode_torchvision(path, tensor, as_mask=False, file=io.BytesIO(data))
+        return _to_output(decoded)
+    with _open_pil(path, io.BytesIO(data)) as image:
         array = _pil_image_array(image)
     return _to_output(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
 

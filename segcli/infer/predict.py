@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from segcli.device import data_workers
 from segcli.errors import SegError, UsageError, choose
+from segcli.infer.encode import FORMATS
 from segcli.infer.segmenter import Preprocess, Segmenter
 
-FORMATS = ("index", "color", "overlay", "prob")
 NATIVE = "native"
 
 
