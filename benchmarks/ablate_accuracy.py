@@ -12,7 +12,10 @@ Settings (defaults in brackets):
     up=transpose|bilinear|nearest (segcli --up) [transpose]
     init=he|torch: he is segcli's initialisation, torch re-applies PyTorch's default to the
                    decoder and head (what segcli did before) [he]
-    aug=default|none|smp (hflip + scale 0.75-1.25 + crop) [default]
+    aug=rrc|zoom|none|smp [rrc]: rrc is segcli's augmentation before the accuracy work
+                   (random resized crop of area 0.5-1, hflip, rotation 10, colour jitter
+                   0.2); zoom is today's default (hflip, scale 0.75-1.25 and a crop); smp is
+                   the smp loop's own code for the same recipe
     loss=SPEC [ce]   lr=F [1e-3]   wd=F [1e-4]   bs=N [8]   seed=N [0]
 
 Run one at a time on an idle machine; compare lines of the same run length, not absolute
@@ -52,7 +55,7 @@ DEFAULTS = {
     "decoder": "",
     "up": "transpose",
     "init": "he",
-    "aug": "default",
+    "aug": "rrc",
     "loss": "ce",
     "lr": 1e-3,
     "wd": 1e-4,
@@ -119,7 +122,12 @@ def main() -> None:
     height, width = (int(v) for v in opts["size"].split("x"))
     report = check_dataset(opts["data"])
     mean, std = default_normalization(3)
-    augment = {"default": AugmentConfig(), "none": None, "smp": None}[opts["aug"]]
+    augment = {
+        "rrc": AugmentConfig(scale=(0.5, 1.0), rotate=10.0, color_jitter=0.2),
+        "zoom": AugmentConfig(),
+        "none": None,
+        "smp": None,
+    }[opts["aug"]]
     common = {"size": (height, width), "mean": mean, "std": std}
     train = SegmentationDataset(report.info, "train", augment=augment, **common)
     if opts["aug"] == "smp":

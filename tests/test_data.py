@@ -422,13 +422,49 @@ def test_color_jitter_changes_image_only(tmp_path: Path) -> None:
 
 def test_augment_from_flags() -> None:
     assert AugmentConfig.from_flags(augment=False) is None
-    off = AugmentConfig.from_flags(scale_min=None, hflip=False, rotate=0, color_jitter=0)
+    off = AugmentConfig.from_flags(hflip=False, rotate=0, color_jitter=0, zoom="1,1")
     assert off is None
     config = AugmentConfig.from_flags(scale_min=0.25, vflip=True, rotate=5)
     assert config is not None and config.scale == (0.25, 1.0) and config.vflip
+    assert config.zoom is None  # the random resized crop replaces the zoom
     assert AugmentConfig.from_dict(config.to_dict()) == config
+    default = AugmentConfig.from_flags()
+    assert default is not None and default.zoom == (0.75, 1.25) and default.scale is None
+    assert AugmentConfig.from_dict(default.to_dict()) == default
     with pytest.raises(UsageError, match="--rotate"):
         AugmentConfig(rotate=400)
+    for bad in ("2,1", "0,1", "big"):
+        with pytest.raises(UsageError, match="--zoom"):
+            AugmentConfig.from_flags(zoom=bad)
+
+
+def test_zoom_jitter_scales_objects_and_pads_with_ignore(tmp_path: Path) -> None:
+    """Guards against the zoom resizing image and mask differently, cropping without padding
+    (a zoom below 1 must pad with the ignore index, not stretch), or never varying the scale:
+    a 16-pixel square in a 64-pixel image trained at 64 must come out 12 to 20 pixels wide."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[24:40, 24:40] = 1
+    for split in ("train", "val"):
+        _save(tmp_path / split / "images" / "a.png", (mask * 200).astype(np.uint8))
+        _save(tmp_path / split / "masks" / "a.png", mask)
+    info = scan_dataset(tmp_path)
+    augment = AugmentConfig(hflip=False, zoom=(0.75, 1.25))
+    dataset = SegmentationDataset(
+        info, "train", size=(64, 64), in_channels=1, augment=augment, mean=(0.0,), std=(1.0,)
+    )
+    widths, padded = set(), 0
+    for seed in range(16):
+        torch.manual_seed(seed)
+        image, target = dataset[0]
+        assert tuple(target.shape) == (64, 64)
+        width = int((target == 1).any(dim=0).sum())
+        assert 11 <= width <= 21, width
+        widths.add(width)
+        padded += int((target == 255).any())
+        from_image = (image[0] > 0.5).long()
+        valid = target != 255
+        assert (from_image[valid] == target[valid]).float().mean() > 0.97
+    assert len(widths) >= 4 and padded > 0
 
 
 def test_loader_is_reproducible(tmp_path: Path) -> None:

@@ -75,15 +75,24 @@ def train(
     augment: Annotated[
         bool | None, _opt("Augmentation on/off [default: on].", DATA, "--augment/--no-augment")
     ] = None,
+    zoom: Annotated[
+        str | None,
+        _opt(
+            "Scale jitter LOW,HIGH: resize by a random factor, then crop to --size "
+            "[0.75,1.25; 1,1: off].",
+            DATA,
+        ),
+    ] = None,
     scale_min: Annotated[
-        float | None, _opt("Random resized crop: smallest area [0.5].", DATA)
+        float | None,
+        _opt("Random resized crop of this smallest area instead of --zoom [off].", DATA),
     ] = None,
     hflip: Annotated[
         bool | None, _opt("Horizontal flips [on].", DATA, "--hflip/--no-hflip")
     ] = None,
     vflip: Annotated[bool | None, _opt("Vertical flips [off].", DATA, "--vflip/--no-vflip")] = None,
-    rotate: Annotated[float | None, _opt("Max rotation, degrees [10].", DATA)] = None,
-    color_jitter: Annotated[float | None, _opt("Colour jitter strength [0.2].", DATA)] = None,
+    rotate: Annotated[float | None, _opt("Max rotation, degrees [0: off].", DATA)] = None,
+    color_jitter: Annotated[float | None, _opt("Colour jitter strength [0: off].", DATA)] = None,
     workers: Annotated[
         int | None, _opt("DataLoader workers [auto: 0 on a CPU of <=4 cores, else 2].", DATA)
     ] = None,

@@ -173,7 +173,7 @@ class Predictor:
         self.options = options
 
     def loader(self, paths: Sequence[Path]) -> DataLoader:
-        from segcli.data import batches_by_size, image_sizes
+        from segcli.data import batches_by_size, build_loader, image_sizes
 
         paths = list(paths)
         dataset = PredictDataset(
@@ -188,12 +188,15 @@ class Predictor:
             ]
         device = self.segmenter.device
         workers = min(data_workers(self.options.workers, device), len(paths))
-        return DataLoader(
+        return build_loader(
             dataset,
+            self.options.batch_size,
+            shuffle=False,
+            workers=workers,
+            seed=0,
+            device_type=device.type,
             batch_sampler=batches,
-            num_workers=workers,
             collate_fn=collate,
-            pin_memory=device.type == "cuda",
         )
 
     def run(

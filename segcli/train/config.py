@@ -31,11 +31,12 @@ class TrainConfig:
     crop: int | None = None  # native-resolution patches of crop x crop instead of --size
     scale: float = 1.0  # with crop: images are resized by this factor first
     augment: bool = True
-    scale_min: float = 0.5
+    zoom: str = "0.75,1.25"
+    scale_min: float | None = None  # a random resized crop instead of zoom
     hflip: bool = True
     vflip: bool = False
-    rotate: float = 10.0
-    color_jitter: float = 0.2
+    rotate: float = 0.0
+    color_jitter: float = 0.0
     workers: int | None = None  # None: device.data_workers decides
     # optimisation
     epochs: int = 50

@@ -146,6 +146,7 @@ def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
         config.vflip,
         config.rotate,
         config.color_jitter,
+        config.zoom,
     )
     common = {"in_channels": config.in_channels, "mean": mean, "std": std}
     scale = config.scale if patches else None
