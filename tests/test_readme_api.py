@@ -13,12 +13,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
-from segcli.data import check_dataset, mock_root
-from segcli.models import build_model
+from tests.helpers import write_mock_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,22 +24,6 @@ def readme_example() -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Python API") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def write_mock_checkpoint(path: Path) -> None:
-    """What the main job leaves in runs/unet-resnet18, with untrained weights."""
-    mapping = check_dataset(mock_root()).mapping
-    torch.manual_seed(0)
-    model = build_model("unet", "resnet18", 3, mapping.num_classes).eval()
-    info = CheckpointInfo(
-        model=model_build_config(model),
-        classes=mapping.to_dict(),
-        input_size=(64, 64),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-    )
-    path.parent.mkdir(parents=True)
-    save_checkpoint(path, model, info)
 
 
 def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:

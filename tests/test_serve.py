@@ -30,34 +30,16 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 
-from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint  # noqa: E402
 from segcli.cli.output import Streams, predict  # noqa: E402
-from segcli.data import check_dataset, mock_root  # noqa: E402
 from segcli.infer.predict import PredictOptions  # noqa: E402
 from segcli.infer.segmenter import Segmenter  # noqa: E402
-from segcli.models import build_model  # noqa: E402
 from segcli.serve import Batcher, ServeConfig, create_app  # noqa: E402
+from tests.helpers import write_mock_checkpoint  # noqa: E402
 
 # Small limits, so the 413 cases need only small bodies; every test image fits under them.
 MAX_BYTES = 64_000
 MAX_PIXELS = 100 * 100
 SIZES = [(40, 60), (100, 100), (72, 48), (55, 90), (64, 64), (90, 41), (47, 77), (83, 66)]
-
-
-def write_mock_checkpoint(path: Path) -> None:
-    """An untrained UNet-ResNet18 for the mock dataset's 3 classes, input size 64 x 64."""
-    mapping = check_dataset(mock_root()).mapping
-    torch.manual_seed(0)
-    model = build_model("unet", "resnet18", 3, mapping.num_classes).eval()
-    info = CheckpointInfo(
-        model=model_build_config(model),
-        classes=mapping.to_dict(),
-        input_size=(64, 64),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model, info)
 
 
 def photo(height: int, width: int, seed: int) -> np.ndarray:

@@ -1,0 +1,28 @@
+"""What several test modules build the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
+from segcli.data import check_dataset, mock_root
+from segcli.models import build_model
+
+
+def write_mock_checkpoint(path: Path) -> None:
+    """What the main job leaves in runs/unet-resnet18, with untrained seeded weights: a
+    UNet-ResNet18 for the mock dataset's 3 classes, input size 64 x 64."""
+    mapping = check_dataset(mock_root()).mapping
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", 3, mapping.num_classes).eval()
+    info = CheckpointInfo(
+        model=model_build_config(model),
+        classes=mapping.to_dict(),
+        input_size=(64, 64),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model, info)
