@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from segcli.data import (
     AugmentConfig,
@@ -536,3 +537,32 @@ def test_mock_generation_is_deterministic(tmp_path: Path) -> None:
             assert new.shape == old.shape and np.abs(new - old).mean() < 1.0
         else:
             assert (first / name).read_bytes() == shipped.read_bytes()
+
+
+def test_color_jitter_shifts_hue_as_documented() -> None:
+    """Guards against the documented hue jitter (a quarter of --color-jitter) being dropped:
+    brightness, contrast and saturation keep a pure red pixel's green and blue equal; only a
+    hue shift makes them differ."""
+    from segcli.data.transforms import build_transforms
+
+    red = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    red[0] = 200
+    jitter = AugmentConfig(hflip=False, zoom=None, color_jitter=0.8)
+    transform = build_transforms(None, jitter, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    shifted = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = transform(tv_tensors.Image(red))
+        shifted += int((out[1] - out[2]).abs().max() > 0.02)
+    assert shifted >= 4
+
+
+def test_previews_draw_ignored_pixels_unlike_any_class() -> None:
+    """Guards against binary previews drawing ignored pixels and the white foreground alike."""
+    from segcli.train.report import colorize
+
+    labels = np.array([[0, 1, 255]])
+    for palette in ([(0, 0, 0), (255, 255, 255)], [(0, 0, 0), (128, 0, 0)]):
+        colors = colorize(labels, palette, 255)[0]
+        assert tuple(colors[2]) not in {tuple(c) for c in palette}
+        assert [tuple(c) for c in colors[:2]] == palette

@@ -257,3 +257,15 @@ def test_pretrained_without_network_names_backbone_weights(monkeypatch) -> None:
     with pytest.raises(UsageError, match="--backbone-weights FILE") as caught:
         build_model("deeplabv3p", "resnet18", pretrained=True)
     assert "\n" not in str(caught.value)
+
+
+def test_a_second_architecture_under_a_taken_name_is_refused() -> None:
+    """Guards against the registry silently replacing an architecture with another builder."""
+    from segcli.models.registry import MODELS, register_model
+
+    before = MODELS["unet"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model("unet", title="x", backbones=("resnet18",), default_backbone="resnet18")(
+            lambda *args, **kwargs: nn.Identity()
+        )
+    assert MODELS["unet"] is before

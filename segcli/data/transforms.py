@@ -237,7 +237,7 @@ def build_transforms(
             steps.append(v2.RandomRotation(augment.rotate, fill=_FILL))
         if augment.color_jitter > 0:
             strength = augment.color_jitter
-            steps.append(_ColorJitter(strength, strength, strength))
+            steps.append(_ColorJitter(strength, strength, strength, hue=strength / 4))
     steps += [
         v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
         v2.Normalize(list(mean), list(std)),

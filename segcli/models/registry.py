@@ -42,6 +42,9 @@ def register_model(
     """Decorator that adds an architecture's builder to the registry."""
 
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        # A second builder under one name would silently replace the first.
+        if name in MODELS:
+            raise ValueError(f"architecture '{name}' is registered twice")
         MODELS[name] = ModelEntry(name, title, builder, backbones, default_backbone)
         return builder
 

@@ -82,11 +82,18 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     image.save(path)
 
 
+# Ignored pixels: white, unless a class already is white (binary foreground), then mid-gray.
+IGNORE_COLORS = ((255, 255, 255), (128, 128, 128), (255, 0, 255))
+
+
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int) -> np.ndarray:
-    """H x W class indices to H x W x 3 colours; ignored pixels white."""
+    """H x W class indices to H x W x 3 colours; ignored pixels in the first of IGNORE_COLORS
+    that no class uses, so they never look like a class."""
     table = np.zeros((256, 3), dtype=np.uint8)
     table[: len(palette)] = np.asarray(palette, dtype=np.uint8)[:256]
-    table[ignore_index % 256] = 255
+    used = {tuple(int(c) for c in color) for color in palette}
+    ignore = next((color for color in IGNORE_COLORS if color not in used), IGNORE_COLORS[-1])
+    table[ignore_index % 256] = ignore
     return table[labels.clip(0, 255).astype(np.uint8)]
 
 
