@@ -33,3 +33,10 @@ def choose(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> str:
     if value in valid:
         return value
     raise UsageError(f"unknown {kind} '{value}'; valid: {', '.join(valid)}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type name when it has none: how a library
+    error is quoted inside one of segcli's one-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -43,7 +43,7 @@ from starlette.datastructures import UploadFile
 
 from segcli import __version__
 from segcli.data import decode_image_bytes
-from segcli.errors import UsageError
+from segcli.errors import UsageError, first_line
 from segcli.infer.encode import OutputSpec
 from segcli.infer.onnx_model import OnnxSegModel
 from segcli.infer.predict import to_rgb8
@@ -75,12 +75,6 @@ class ServeConfig:
             raise UsageError(
                 "--max-batch and io_threads must be at least 1, --max-wait-ms at least 0"
             )
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an error's message, or its type name when it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,12 +189,12 @@ class Batcher:
         except Exception as error:  # the model's failure is these requests', not the server's
             with self._lock:
                 self.failed_calls += 1
-            logger.error("model call on %d image(s) failed: %s", len(jobs), one_line(error))
+            logger.error("model call on %d image(s) failed: %s", len(jobs), first_line(error))
             if len(jobs) > 1:
                 for job in jobs:
                     self._run_group([job])
             else:
-                detail = f"the model failed on this image ({one_line(error)})"
+                detail = f"the model failed on this image ({first_line(error)})"
                 jobs[0].settle(error=HTTPException(500, detail))
             return
         with self._lock:
@@ -232,9 +226,11 @@ def decode(body: bytes, max_pixels: int) -> torch.Tensor:
         with Image.open(io.BytesIO(body)) as image:
             width, height = image.size
     except Image.DecompressionBombError as error:  # beyond Pillow's own limit
-        raise HTTPException(413, one_line(error)) from None
+        raise HTTPException(413, first_line(error)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
-        reason = "unknown format" if isinstance(error, UnidentifiedImageError) else one_line(error)
+        reason = (
+            "unknown format" if isinstance(error, UnidentifiedImageError) else first_line(error)
+        )
         raise HTTPException(400, f"not a readable image ({reason})") from None
     if width * height > max_pixels:
         raise HTTPException(
@@ -245,7 +241,7 @@ def decode(body: bytes, max_pixels: int) -> torch.Tensor:
     try:
         return decode_image_bytes(body, source="request body")
     except UsageError as error:
-        raise HTTPException(400, one_line(error)) from None
+        raise HTTPException(400, first_line(error)) from None
 
 
 class Service:
@@ -441,7 +437,7 @@ def create_app(segmenter: Segmenter, config: ServeConfig | None = None) -> FastA
     @app.exception_handler(Exception)
     async def failed(_: Request, error: Exception) -> JSONResponse:
         # The client gets one line; the ASGI server still logs the traceback for whoever runs it.
-        detail = f"internal error ({type(error).__name__}: {one_line(error)})"
+        detail = f"internal error ({type(error).__name__}: {first_line(error)})"
         return JSONResponse({"detail": detail}, status_code=500)
 
     @app.get("/health")

@@ -131,6 +131,19 @@ def post_image(served: Served, body: bytes, fmt: str = "index", **kwargs: object
     )
 
 
+def post_together(served: Served, bodies: list[bytes]) -> list[httpx.Response]:
+    """Every body posted from its own thread, all released at once, so they reach the server
+    together; responses in the order of `bodies`."""
+    start = threading.Barrier(len(bodies))
+
+    def call(body: bytes) -> httpx.Response:
+        start.wait()
+        return post_image(served, body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(call, bodies))
+
+
 def mask_of(response: httpx.Response) -> np.ndarray:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
@@ -227,14 +240,7 @@ def test_concurrent_requests_are_batched_and_match_segmenter(served: Served) -> 
     expected = [served.segmenter.predict(path) for path in served.images]
     bodies = [path.read_bytes() for path in served.images]
     before = served.stats()
-    start = threading.Barrier(len(bodies))
-
-    def call(body: bytes) -> httpx.Response:
-        start.wait()
-        return post_image(served, body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(call, bodies))
+    responses = post_together(served, bodies)
     for response, mask in zip(responses, expected, strict=True):
         np.testing.assert_array_equal(mask_of(response), mask)
     after = served.stats()
@@ -250,14 +256,7 @@ def test_a_bad_body_does_not_disturb_concurrent_good_ones(served: Served) -> Non
     good = [path.read_bytes() for path in served.images[:6]]
     truncated = good[1][: len(good[1]) // 2]  # a valid header, then the data stops
     bodies = [*good[:3], b"not an image at all", *good[3:], truncated]
-    start = threading.Barrier(len(bodies))
-
-    def call(body: bytes) -> httpx.Response:
-        start.wait()
-        return post_image(served, body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(call, bodies))
+    responses = post_together(served, bodies)
     assert_one_line_error(responses[3], 400)
     assert_one_line_error(responses[-1], 400)
     good_responses = responses[:3] + responses[4:-1]

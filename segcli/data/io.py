@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from segcli.errors import UsageError
+from segcli.errors import UsageError, first_line
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 # Formats torchvision decodes itself; the others go through Pillow.
@@ -53,8 +53,9 @@ def _read_bytes(path: Path) -> torch.Tensor:
 
 
 def _unreadable(path: Path, error: Exception) -> UsageError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return UsageError(f"{path}: not a readable image ({reason}); replace or remove the file")
+    return UsageError(
+        f"{path}: not a readable image ({first_line(error)}); replace or remove the file"
+    )
 
 
 def _png_is_palette(data: torch.Tensor) -> bool:

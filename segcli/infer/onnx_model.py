@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from segcli.checkpoint import METADATA_KEY, CheckpointInfo, info_from_metadata
-from segcli.errors import UsageError
+from segcli.errors import UsageError, first_line
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -60,8 +60,7 @@ def load_onnx(
             providers=_providers(torch.device(device), onnxruntime.get_available_providers()),
         )
     except Exception as error:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"{path}: not a loadable ONNX model ({first})") from None
+        raise UsageError(f"{path}: not a loadable ONNX model ({first_line(error)})") from None
     names_in = [node.name for node in session.get_inputs()]
     names_out = [node.name for node in session.get_outputs()]
     if INPUT_NAME not in names_in or OUTPUT_NAME not in names_out:

@@ -27,8 +27,6 @@ from segcli.errors import SegError, UsageError, choose
 from segcli.infer.encode import FORMATS
 from segcli.infer.segmenter import Preprocess, Segmenter
 
-NATIVE = "native"
-
 
 @dataclass(frozen=True)
 class PredictOptions:

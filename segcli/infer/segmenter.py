@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from segcli.checkpoint import CheckpointInfo
 
 ImageInput = Union[str, Path, "Image.Image", np.ndarray, torch.Tensor]
+# `size` value that keeps each image's own pixels.
+NATIVE = "native"
 
 
 class Preprocess:
@@ -114,7 +116,7 @@ class Segmenter:
                 f"use --tile {stride} or more"
             )
         spec = info.spec
-        if tile is not None and size == "native" and not spec.patches:
+        if tile is not None and size == NATIVE and not spec.patches:
             raise UsageError(
                 "--tile slides windows over the image at the model's scale; drop --size native"
             )
@@ -122,7 +124,7 @@ class Segmenter:
             tile = spec.size[0]
         self.model = model
         self.info = info
-        self.spec: InferenceSpec = info.spec
+        self.spec: InferenceSpec = spec
         self.device = device
         self.precision = precision
         self.tta = tta
@@ -134,7 +136,7 @@ class Segmenter:
         # (--size native, or a patches model at its training scale).
         self.size: tuple[int, int] | None
         self.scale = 1.0
-        if size == "native":
+        if size == NATIVE:
             self.size = None
         elif size is None and spec.patches:
             self.size, self.scale = None, spec.scale
