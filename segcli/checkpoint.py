@@ -40,6 +40,9 @@ class CheckpointInfo:
     version: str = __version__
     # The stored `inference` block, when the file has one (see segcli.infer.spec).
     inference: dict[str, Any] | None = None
+    # A random id of this write, recorded by the training state written with it, so resume can
+    # tell that the two files belong together without hashing the weights.
+    write_id: str | None = None
 
     @property
     def spec(self) -> InferenceSpec:
@@ -83,6 +86,8 @@ class CheckpointInfo:
             "metrics": self.metrics,
             "inference": self.spec.to_dict(),
         }
+        if self.write_id is not None:
+            data["write_id"] = self.write_id
         return json.dumps(data, allow_nan=False, default=str)
 
     @classmethod
@@ -102,6 +107,7 @@ class CheckpointInfo:
             metrics=data.get("metrics", {}),
             version=data.get("version", "unknown"),
             inference=data.get("inference"),
+            write_id=data.get("write_id"),
         )
         info.spec  # noqa: B018 - a newer or unknown spec is refused when the file is read
         return info

@@ -18,8 +18,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; an unavailable device is a usage error."""
+def _device_named(name: str) -> torch.device:
     choose("--device", name.split(":")[0], DEVICES)
     if name == "auto":
         if torch.cuda.is_available():
@@ -32,6 +31,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available; use --device cpu")
     return torch.device(name)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an unavailable device is a usage error. Running
+    on the CPU also keeps freed memory in the process (`keep_freed_memory`)."""
+    device = _device_named(name)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse instead of giving it back to the system.
+    By default every allocation above 32 MB is mapped when made and unmapped when freed, so each
+    training step faults in and zeroes its activations' pages again: on a 2-core Xeon a ResUNet18
+    at 256x256, batch 8, took 150,000-170,000 page faults and 0.5 s of kernel time per step,
+    and trained 1.04-1.27x faster (mean 1.15x; 1.03x at 128x128, batch 4) with freed memory kept
+    (benchmarks/bench_allocator.py). The process then keeps its peak memory until it exits, as
+    CUDA's caching allocator does. True when applied: Linux with glibc only; elsewhere nothing
+    changes."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 @functools.cache

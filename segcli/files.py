@@ -5,6 +5,7 @@ Ctrl-C leaves the previous file (or none) in place."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,3 +34,23 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make `path` hold `source`'s content, in one rename: a hard link where the file system has
+    them (no bytes written), else a copy. Only safe while `source` is replaced by renames, never
+    rewritten in place (as every atomic_write does)."""
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
+    )
+    os.close(handle)
+    os.unlink(temporary)
+    try:
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -453,6 +453,39 @@ def test_resume_refuses_weights_and_state_of_different_epochs(tmp_path):
     assert "last.safetensors" in str(error.value) and "last.state.safetensors" in str(error.value)
 
 
+def test_resume_refuses_the_weights_of_another_run_at_the_same_epoch(tmp_path):
+    # Catches a pairing check by epoch number alone: a last.safetensors copied from another run
+    # (same epoch, other weights) would resume with moments that belong to different weights.
+    Trainer(fast_config(tmp_path, epochs=1, previews=0, out=str(tmp_path / "other"))).run()
+    Trainer(fast_config(tmp_path, epochs=1, previews=0, seed=1)).run()
+    run = tmp_path / "run"
+    (run / "last.safetensors").write_bytes((tmp_path / "other/last.safetensors").read_bytes())
+    with pytest.raises(UsageError, match="not a pair"):
+        Trainer(fast_config(tmp_path, epochs=2, resume=str(run / "last.safetensors"))).run()
+
+
+def test_best_checkpoint_keeps_the_best_epoch_while_last_moves_on(tmp_path, monkeypatch):
+    # Catches best.safetensors sharing storage with last.safetensors in a way a later epoch's
+    # write reaches (a link to a file then rewritten in place): best must stay epoch 1 here,
+    # where val mIoU is made to fall after it.
+    import segcli.train.trainer as trainer_module
+
+    evaluate, calls = trainer_module.evaluate, []
+
+    def falling_miou(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        calls.append(1)
+        result.metrics["miou"] = 1.0 / len(calls)
+        return result
+
+    monkeypatch.setattr(trainer_module, "evaluate", falling_miou)
+    Trainer(fast_config(tmp_path, epochs=3, previews=0)).run()
+    best_weights, best = read_checkpoint(tmp_path / "run/best.safetensors")
+    last_weights, last = read_checkpoint(tmp_path / "run/last.safetensors")
+    assert (best.epoch, last.epoch) == (1, 3)
+    assert any(not torch.equal(best_weights[k], last_weights[k]) for k in best_weights)
+
+
 @pytest.mark.parametrize("arch", ["pspnet", "deeplabv3"])
 def test_models_that_cannot_train_on_one_image_refuse_batch_size_1(seg, arch):
     # A BatchNorm after global pooling cannot normalise one value: it used to end in a

@@ -57,15 +57,20 @@ def weights_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def check_pair(checkpoint: Path, state: dict[str, Any], checkpoint_epoch: int) -> None:
-    """Refuse a checkpoint and training state written at different epochs (a crash between the
-    two writes, or one of the files replaced): the optimizer moments would not match the
-    weights."""
-    expected = state.get("weights_sha256")
-    if expected is None or expected == weights_digest(checkpoint):
+def check_pair(checkpoint: Path, state: dict[str, Any], info: Any) -> None:
+    """Refuse a checkpoint and training state that were not written together (a crash between
+    the two writes, or one of the files replaced): the optimizer moments would not match the
+    weights. States written before checkpoints carried a write id name the weights by digest."""
+    if "weights_write_id" in state:
+        paired = state["weights_write_id"] == info.write_id
+    elif "weights_sha256" in state:
+        paired = state["weights_sha256"] == weights_digest(checkpoint)
+    else:
+        paired = True
+    if paired:
         return
     raise UsageError(
-        f"{checkpoint} (epoch {checkpoint_epoch}) and {state_path_for(checkpoint)} (epoch "
+        f"{checkpoint} (epoch {info.epoch}) and {state_path_for(checkpoint)} (epoch "
         f"{state.get('epoch')}) are not a pair: the run stopped between their writes or one was "
         "replaced; resume is refused. Evaluate or predict with the checkpoint, or start a new run"
     )

@@ -9,6 +9,7 @@ import math
 import random
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from segcli.device import (
     to_device,
 )
 from segcli.errors import RuntimeFailure, SegError, UsageError
+from segcli.files import atomic_link
 from segcli.infer.evaluate import evaluate
 from segcli.infer.segmenter import Segmenter
 from segcli.infer.spec import InferenceSpec
@@ -53,7 +55,6 @@ from segcli.train.state import (
     load_training_state,
     save_training_state,
     state_path_for,
-    weights_digest,
 )
 
 
@@ -310,7 +311,7 @@ class Trainer:
 
             mapping = ClassMapping.from_dict(info.classes)
             resume_state = load_training_state(state_path_for(config.resume))
-            check_pair(Path(config.resume), resume_state, info.epoch)
+            check_pair(Path(config.resume), resume_state, info)
         self.data = load_data(config, mapping)
 
         from segcli.models import build_model
@@ -504,9 +505,10 @@ class Trainer:
     def _save(self, epoch: int, record: dict[str, Any], best: bool) -> None:
         metrics = {"val": record["val"], "val_loss": record["val_loss"]}
         info = self._info(epoch, metrics)
+        info.write_id = uuid.uuid4().hex
         save_checkpoint(self.out / "last.safetensors", self.model, info)
         state = {
-            "weights_sha256": weights_digest(self.out / "last.safetensors"),
+            "weights_write_id": info.write_id,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
@@ -519,7 +521,9 @@ class Trainer:
         }
         save_training_state(self.out / "last.state.safetensors", state)
         if best:
-            save_checkpoint(self.out / "best.safetensors", self.model, info)
+            # The same bytes as last.safetensors, which is only ever replaced by a rename: a
+            # link costs nothing and best keeps its content when last moves on.
+            atomic_link(self.out / "last.safetensors", self.out / "best.safetensors")
         append_jsonl(self.out / "metrics.jsonl", record)
         plot_curves(read_jsonl(self.out / "metrics.jsonl"), self.out / "curves.png")
 
