@@ -70,7 +70,9 @@ def main() -> None:
             totals[name] += time.perf_counter() - started
 
     def wrap(owner, attribute: str, name: str) -> None:
-        original = getattr(owner, attribute)
+        original = getattr(owner, attribute, None)
+        if original is None:  # an older segcli, profiled for comparison
+            return
 
         def timed_call(*a, **k):
             with timed(name):
@@ -83,6 +85,7 @@ def main() -> None:
     wrap(trainer_module, "save_checkpoint", "checkpoint writes")
     wrap(trainer_module, "save_training_state", "checkpoint writes")
     wrap(trainer_module, "atomic_link", "checkpoint writes")
+    wrap(trainer_module, "weights_digest", "checkpoint writes")
     wrap(Trainer, "_save_previews", "previews")
     wrap(torch.Tensor, "backward", "backward")
 
