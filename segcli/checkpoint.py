@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC.md section 4): one `.safetensors` file holds the model's state dict, and
+"""Checkpoints: one `.safetensors` file holds the model's state dict, and
 its metadata holds, as JSON, everything needed to rebuild and use the model. Loading never
 unpickles anything. Every write goes to a temporary file first and is renamed into place, so
 a crash never leaves a half-written checkpoint."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class SegError(Exception):
-    """A failure the user can act on. `exit_code` follows SPEC.md section 5."""
+    """A failure the user can act on. `exit_code`: 1 for a failure at run time, 2 for bad
+    input (a usage error), as every `seg` command exits."""
 
     exit_code = 1
 

@@ -13,9 +13,10 @@ Conventions (shared with the engine):
   the one-logit case and is refused for multiclass models (use `ce`).
 - Soft Dice, Jaccard and Tversky sum over the whole batch per class and average over classes. A
   class absent from both the target and the (argmax) prediction is left out of the mean instead
-  of counting as perfect, mirroring the NaN rule of the metrics (SPEC.md section 2). For a
+  of counting as perfect, mirroring the metrics, where such a class is NaN and left out. For a
   one-logit model only the foreground is scored: background is not one of the model's outputs.
-  The per-class sums are computed without a one-hot target (SPEC.md section 6).
+  The per-class sums are computed without a one-hot target (memory stays one
+  integer per pixel).
 - `lovasz` is the Lovász-softmax for multiclass models and the Lovász hinge for one-logit models.
 
 `build_loss("0.5*focal+dice", ...)` returns a `SegLoss` whose `describe()` (and `str()`) is the

@@ -1,4 +1,4 @@
-"""The confusion-matrix metric of SPEC.md section 2.
+"""The confusion-matrix metric every `seg` score comes from.
 
 One int64 matrix (rows = target, columns = prediction) accumulated on the device over the whole
 evaluated set; scores are derived from it only at `compute()`, never averaged over batches.
@@ -81,7 +81,8 @@ class ConfusionMatrix:
         return self
 
     def all_reduce(self) -> None:
-        """Sum the matrix over all ranks (SPEC: all-reduced, never averaged). Call once, before
+        """Sum the matrix over all ranks (summed, never averaged: a rank with
+        fewer pixels must not count as much as one with more). Call once, before
         `compute()`; a no-op outside torch.distributed."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)

@@ -239,7 +239,8 @@ def predict(
 
 @contextlib.contextmanager
 def progress_bar(log: TextIO, total: int) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr when it is a terminal (SPEC.md section 5), else nothing."""
+    """A progress bar on stderr when it is a terminal, else nothing (logs and pipes
+    get one line per event instead)."""
     if not log.isatty():
         yield None
         return

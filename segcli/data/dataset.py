@@ -1,5 +1,6 @@
-"""The dataset folder (SPEC.md section 3): pairing images with masks, deciding the class mapping
-once for the whole dataset, and the torch Dataset that yields normalised image/mask pairs."""
+"""The dataset folder (`train/` and `val/`, each with `images/` and `masks/`): pairing
+images with masks, deciding the class mapping once for the whole dataset, and the torch
+Dataset that yields normalised image/mask pairs."""
 
 from __future__ import annotations
 

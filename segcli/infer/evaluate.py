@@ -1,5 +1,6 @@
-"""Scoring a model on a dataset split: one confusion matrix over the whole split (SPEC.md
-section 2), optionally at each image's original size and with test-time augmentation."""
+"""Scoring a model on a dataset split: one confusion matrix over the whole split (never an
+average of per-batch scores), optionally at each image's original size and with test-time
+augmentation."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def conv_bn_relu(
 
 
 class DoubleConv(nn.Sequential):
-    """Two 3x3 conv-BN-ReLU layers: 9·in·out + 9·out² + 4·out parameters (SPEC.md section 1)."""
+    """Two 3x3 conv-BN-ReLU layers: 9·in·out + 9·out² + 4·out parameters (the convs have no
+    bias; each BatchNorm has a weight and a bias per channel)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(

@@ -1,5 +1,5 @@
 """FC-HarDNet-70 (Chao et al. 2019): a harmonic densely connected encoder-decoder, laid out as in
-the authors' reference implementation (SPEC.md section 1: 4,119,257 parameters at 19 classes)."""
+the authors' reference implementation (4,119,257 parameters at 19 classes, the published count)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SegNet (Badrinarayanan et al. 2017): a VGG16-BN encoder whose max-pooling indices drive
-max-unpooling in a mirrored decoder (SPEC.md section 1: 29,444,739 parameters at 3 classes)."""
+max-unpooling in a mirrored decoder (29,444,739 parameters at 3 classes, the published count)."""
 
 from __future__ import annotations
 

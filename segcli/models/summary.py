@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segcli.models.registry import MODELS, build_model, resolve_backbone
 
-# The published table of SPEC.md section 1: (row name, architecture, backbone).
+# The published parameter table `seg params` reproduces: (row name, architecture, backbone).
 PUBLISHED_ROWS = (
     ("UNet", "unet", "none"),
     ("ResUNet18", "unet", "resnet18"),
