@@ -113,3 +113,36 @@ def test_output_stride_is_one_option_for_every_dilated_resnet(seg):
 
     model = build_model("fcn", "resnet50", output_stride=16)
     assert model.encoder.reductions[-1] == 16
+
+
+def test_train_help_shows_every_default_as_train_config_holds_it(seg, monkeypatch):
+    # Catches a `--help` default written by hand that drifted from the TrainConfig value the
+    # run really uses (the two used to be kept separately), a setting whose help hides it,
+    # and Markdown eating the `*` of ce+0.5*dice.
+    import dataclasses
+    import inspect
+
+    from segcli.cli.train import train
+    from segcli.train.config import TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "300")
+    text = seg("train", "--help").stdout
+    flags = set(inspect.signature(train).parameters)
+    checked = 0
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default
+        if (
+            field.name not in flags
+            or field.name == "arch"
+            or default in (None, dataclasses.MISSING)
+        ):
+            continue
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+        flag = "--" + field.name.replace("_", "-")
+        line = next(line for line in text.splitlines() if f" {flag} " in line)
+        assert f"[{shown}" in line, (flag, shown, line)
+        checked += 1
+    assert checked >= 30

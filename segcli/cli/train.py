@@ -23,6 +23,7 @@ from segcli.cli._options import (
     Stride,
     Up,
 )
+from segcli.train.config import TrainConfig
 
 OPT = "Optimisation"
 DATA = "Data"
@@ -30,8 +31,22 @@ RUN = "Execution"
 OUT = "Output"
 
 
-def _opt(help: str, panel: str, *names: str) -> typer.models.OptionInfo:
+def _opt(help: str, panel: str, *names: str, setting: str | None = None) -> typer.models.OptionInfo:
+    """An option whose help shows, in place of `{default}`, the default of TrainConfig's field
+    `setting`: defaults are written once, in TrainConfig. (The options themselves default to
+    None so that a TOML file and `--resume` can tell a flag given from one left out.)"""
+    if setting is not None:
+        # The help is rendered as Markdown, where `*` (as in ce+0.5*dice) would be emphasis.
+        help = help.format(default=shown_default(setting).replace("*", "\\*"))
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
+
+
+def shown_default(setting: str) -> str:
+    """TrainConfig's default for `setting` as `--help` shows it: on/off for switches."""
+    value = TrainConfig.__dataclass_fields__[setting].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def train(
@@ -49,7 +64,12 @@ def train(
     decoder_channels: DecoderChannels = None,
     pretrained: Annotated[
         bool | None,
-        _opt("ImageNet weights for the backbone.", "Model", "--pretrained/--no-pretrained"),
+        _opt(
+            "ImageNet weights for the backbone [{default}].",
+            "Model",
+            "--pretrained/--no-pretrained",
+            setting="pretrained",
+        ),
     ] = None,
     backbone_weights: Annotated[
         str | None, _opt("Backbone weights from a local file.", "Model")
@@ -59,8 +79,12 @@ def train(
     foreground: Annotated[
         int | None, _opt("Raw mask value that is foreground in binary masks.", DATA)
     ] = None,
-    in_channels: Annotated[int | None, _opt("Input channels [default: 3].", DATA)] = None,
-    size: Annotated[str | None, _opt("Training size N or HxW [default: 256].", DATA)] = None,
+    in_channels: Annotated[
+        int | None, _opt("Input channels [{default}].", DATA, setting="in_channels")
+    ] = None,
+    size: Annotated[
+        str | None, _opt("Training size N or HxW [{default}].", DATA, setting="size")
+    ] = None,
     crop: Annotated[
         int | None,
         _opt(
@@ -70,17 +94,20 @@ def train(
         ),
     ] = None,
     scale: Annotated[
-        float | None, _opt("With --crop: resize images by this factor first [1].", DATA)
+        float | None,
+        _opt("With --crop: resize images by this factor first [{default}].", DATA, setting="scale"),
     ] = None,
     augment: Annotated[
-        bool | None, _opt("Augmentation on/off [default: on].", DATA, "--augment/--no-augment")
+        bool | None,
+        _opt("Augmentation on/off [{default}].", DATA, "--augment/--no-augment", setting="augment"),
     ] = None,
     zoom: Annotated[
         str | None,
         _opt(
             "Scale jitter LOW,HIGH: resize by a random factor, then crop to --size "
-            "[0.75,1.25; 1,1: off].",
+            "[{default}; 1,1: off].",
             DATA,
+            setting="zoom",
         ),
     ] = None,
     scale_min: Annotated[
@@ -88,48 +115,97 @@ def train(
         _opt("Random resized crop of this smallest area instead of --zoom [off].", DATA),
     ] = None,
     hflip: Annotated[
-        bool | None, _opt("Horizontal flips [on].", DATA, "--hflip/--no-hflip")
+        bool | None,
+        _opt("Horizontal flips [{default}].", DATA, "--hflip/--no-hflip", setting="hflip"),
     ] = None,
-    vflip: Annotated[bool | None, _opt("Vertical flips [off].", DATA, "--vflip/--no-vflip")] = None,
-    rotate: Annotated[float | None, _opt("Max rotation, degrees [0: off].", DATA)] = None,
-    color_jitter: Annotated[float | None, _opt("Colour jitter strength [0: off].", DATA)] = None,
+    vflip: Annotated[
+        bool | None,
+        _opt("Vertical flips [{default}].", DATA, "--vflip/--no-vflip", setting="vflip"),
+    ] = None,
+    rotate: Annotated[
+        float | None,
+        _opt("Max rotation in degrees, 0 for none [{default}].", DATA, setting="rotate"),
+    ] = None,
+    color_jitter: Annotated[
+        float | None,
+        _opt("Colour jitter strength, 0 for none [{default}].", DATA, setting="color_jitter"),
+    ] = None,
     workers: Annotated[
         int | None, _opt("DataLoader workers [auto: 0 on a CPU of <=4 cores, else 2].", DATA)
     ] = None,
-    epochs: Annotated[int | None, _opt("Epochs [50].", OPT)] = None,
-    batch_size: Annotated[int | None, _opt("Batch size [8].", OPT)] = None,
-    lr: Annotated[float | None, _opt("Learning rate [1e-3].", OPT)] = None,
+    epochs: Annotated[int | None, _opt("Epochs [{default}].", OPT, setting="epochs")] = None,
+    batch_size: Annotated[
+        int | None, _opt("Batch size [{default}].", OPT, setting="batch_size")
+    ] = None,
+    lr: Annotated[float | None, _opt("Learning rate [{default}].", OPT, setting="lr")] = None,
     loss: Annotated[
-        str | None, _opt("Loss, e.g. ce, dice+ce, 0.5*focal+dice [ce+0.5*dice].", OPT)
+        str | None,
+        _opt("Loss, e.g. ce, dice+ce, 0.5\\*focal+dice [{default}].", OPT, setting="loss"),
     ] = None,
     class_weights: Annotated[str | None, _opt("wce weights: 1,2,5 or auto.", OPT)] = None,
-    focal_gamma: Annotated[float | None, _opt("Focal gamma [2].", OPT)] = None,
+    focal_gamma: Annotated[
+        float | None, _opt("Focal gamma [{default}].", OPT, setting="focal_gamma")
+    ] = None,
     focal_alpha: Annotated[float | None, _opt("Focal alpha.", OPT)] = None,
-    tversky_alpha: Annotated[float | None, _opt("Tversky alpha [0.5].", OPT)] = None,
-    tversky_beta: Annotated[float | None, _opt("Tversky beta [0.5].", OPT)] = None,
+    tversky_alpha: Annotated[
+        float | None, _opt("Tversky alpha [{default}].", OPT, setting="tversky_alpha")
+    ] = None,
+    tversky_beta: Annotated[
+        float | None, _opt("Tversky beta [{default}].", OPT, setting="tversky_beta")
+    ] = None,
     dice_background: Annotated[
         bool | None,
-        _opt("Dice counts background [on].", OPT, "--dice-background/--no-dice-background"),
+        _opt(
+            "Dice counts background [{default}].",
+            OPT,
+            "--dice-background/--no-dice-background",
+            setting="dice_background",
+        ),
     ] = None,
-    optimizer: Annotated[str | None, _opt("sgd | adam | adamw | rmsprop [adamw].", OPT)] = None,
+    optimizer: Annotated[
+        str | None, _opt("sgd | adam | adamw | rmsprop [{default}].", OPT, setting="optimizer")
+    ] = None,
     weight_decay: Annotated[
-        float | None, _opt("Weight decay, not on norms/biases [1e-4].", OPT)
+        float | None,
+        _opt("Weight decay, not on norms/biases [{default}].", OPT, setting="weight_decay"),
     ] = None,
-    momentum: Annotated[float | None, _opt("Momentum (sgd, rmsprop) [0.9].", OPT)] = None,
+    momentum: Annotated[
+        float | None, _opt("Momentum (sgd, rmsprop) [{default}].", OPT, setting="momentum")
+    ] = None,
     nesterov: Annotated[
-        bool | None, _opt("Nesterov momentum (sgd).", OPT, "--nesterov/--no-nesterov")
+        bool | None,
+        _opt(
+            "Nesterov momentum (sgd) [{default}].",
+            OPT,
+            "--nesterov/--no-nesterov",
+            setting="nesterov",
+        ),
     ] = None,
     scheduler: Annotated[
-        str | None, _opt("step | poly | cosine | plateau | none [cosine].", OPT)
+        str | None,
+        _opt("step | poly | cosine | plateau | none [{default}].", OPT, setting="scheduler"),
     ] = None,
-    warmup_epochs: Annotated[float | None, _opt("Linear warm-up epochs [0].", OPT)] = None,
-    step_size: Annotated[int | None, _opt("step: epochs per decay [30].", OPT)] = None,
-    gamma: Annotated[float | None, _opt("step: decay factor [0.1].", OPT)] = None,
+    warmup_epochs: Annotated[
+        float | None, _opt("Linear warm-up epochs [{default}].", OPT, setting="warmup_epochs")
+    ] = None,
+    step_size: Annotated[
+        int | None, _opt("step: epochs per decay [{default}].", OPT, setting="step_size")
+    ] = None,
+    gamma: Annotated[
+        float | None, _opt("step: decay factor [{default}].", OPT, setting="gamma")
+    ] = None,
     aux_weight: Annotated[float | None, _opt("Weight of auxiliary losses [per arch].", OPT)] = None,
-    accum_steps: Annotated[int | None, _opt("Gradient accumulation steps [1].", OPT)] = None,
+    accum_steps: Annotated[
+        int | None, _opt("Gradient accumulation steps [{default}].", OPT, setting="accum_steps")
+    ] = None,
     clip_grad: Annotated[float | None, _opt("Clip gradient norm to this.", OPT)] = None,
     patience: Annotated[
-        int | None, _opt("Early stop after N epochs without gain [0=off].", OPT)
+        int | None,
+        _opt(
+            "Early stop after N epochs without gain, 0 for never [{default}].",
+            OPT,
+            setting="patience",
+        ),
     ] = None,
     time_limit: Annotated[
         float | None,
@@ -139,29 +215,42 @@ def train(
             OPT,
         ),
     ] = None,
-    device: Annotated[str | None, _opt("auto | cpu | cuda | mps [auto].", RUN)] = None,
-    amp: Annotated[str | None, _opt("auto | bf16 | fp16 | off [auto].", RUN)] = None,
+    device: Annotated[
+        str | None, _opt("auto | cpu | cuda | mps [{default}].", RUN, setting="device")
+    ] = None,
+    amp: Annotated[
+        str | None, _opt("auto | bf16 | fp16 | off [{default}].", RUN, setting="amp")
+    ] = None,
     channels_last: Annotated[
         bool | None, _opt("Memory format [auto].", RUN, "--channels-last/--no-channels-last")
     ] = None,
     compile: Annotated[
-        bool | None, _opt("torch.compile the model.", RUN, "--compile/--no-compile")
+        bool | None,
+        _opt(
+            "torch.compile the model [{default}].", RUN, "--compile/--no-compile", setting="compile"
+        ),
     ] = None,
     sync_bn: Annotated[
-        bool | None, _opt("SyncBatchNorm under DDP.", RUN, "--sync-bn/--no-sync-bn")
+        bool | None,
+        _opt(
+            "SyncBatchNorm under DDP [{default}].", RUN, "--sync-bn/--no-sync-bn", setting="sync_bn"
+        ),
     ] = None,
-    seed: Annotated[int | None, _opt("Random seed [0].", RUN)] = None,
+    seed: Annotated[int | None, _opt("Random seed [{default}].", RUN, setting="seed")] = None,
     deterministic: Annotated[
         bool | None,
         _opt(
-            "Deterministic algorithms, main-process data.",
+            "Deterministic algorithms, main-process data [{default}].",
             RUN,
             "--deterministic/--no-deterministic",
+            setting="deterministic",
         ),
     ] = None,
     out: Annotated[str | None, _opt("Run folder [runs/ARCH-BACKBONE].", OUT)] = None,
     resume: Annotated[str | None, _opt("Resume from a run's last.safetensors.", OUT)] = None,
-    previews: Annotated[int | None, _opt("Preview PNGs to write [4].", OUT)] = None,
+    previews: Annotated[
+        int | None, _opt("Preview PNGs to write [{default}].", OUT, setting="previews")
+    ] = None,
     config: Annotated[str | None, _opt("TOML file with any of these settings.", OUT)] = None,
     print_config: Annotated[
         bool, _opt("Print the resolved config as TOML and exit.", OUT, "--print-config")
