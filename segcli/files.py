@@ -40,17 +40,12 @@ def atomic_link(source: Path, path: Path) -> None:
     """Make `path` hold `source`'s content, in one rename: a hard link where the file system has
     them (no bytes written), else a copy. Only safe while `source` is replaced by renames, never
     rewritten in place (as every atomic_write does)."""
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent
-    )
-    os.close(handle)
-    os.unlink(temporary)
-    try:
+
+    def link_or_copy(temporary: str) -> None:
+        os.unlink(temporary)  # os.link will not replace the empty file atomic_write made
         try:
             os.link(source, temporary)
         except OSError:
             shutil.copyfile(source, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, link_or_copy)

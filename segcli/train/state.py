@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from segcli.errors import UsageError
 from segcli.files import atomic_write
+
+if TYPE_CHECKING:
+    from segcli.checkpoint import CheckpointInfo
 
 STATE_KEY = "segcli_training_state"
 
@@ -57,7 +60,7 @@ def weights_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def check_pair(checkpoint: Path, state: dict[str, Any], info: Any) -> None:
+def check_pair(checkpoint: Path, state: dict[str, Any], info: CheckpointInfo) -> None:
     """Refuse a checkpoint and training state that were not written together (a crash between
     the two writes, or one of the files replaced): the optimizer moments would not match the
     weights. States written before checkpoints carried a write id name the weights by digest."""
