@@ -312,12 +312,12 @@ def _break(root: Path, problem: str) -> str:
             path.unlink()
         for path in (root / "val/masks").iterdir():
             path.unlink()
-        return "empty split"
+        return "val/images: empty"
     if problem == "missing split":
         for path in sorted((root / "val").rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
         (root / "val").rmdir()
-        return "val/: missing split"
+        return "no 'val' split"
     raise AssertionError(problem)
 
 

@@ -172,3 +172,36 @@ Tta = Annotated[
     bool,
     typer.Option("--tta", help="Average the logits of flipped images.", rich_help_panel=RUN_PANEL),
 ]
+
+DATA_PANEL = "Data"
+# Data-layout flags of `seg train` and `seg check`: train's default to None (so a TOML file
+# and --resume can tell a flag given from one left out), check's to the same behaviour.
+DataFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="Dataset layout: auto | folders | flat | voc | cityscapes | ade20k | coco | "
+        "labelme [auto: detected].",
+        rich_help_panel=DATA_PANEL,
+        show_default=False,
+    ),
+]
+IgnoreValues = Annotated[
+    str | None,
+    typer.Option(
+        "--ignore-values",
+        help="Raw mask values read as ignore besides 255, e.g. 11 (CamVid void) or 0,11.",
+        rich_help_panel=DATA_PANEL,
+        show_default=False,
+    ),
+]
+ReduceZeroLabel = Annotated[
+    bool | None,
+    typer.Option(
+        "--reduce-zero-label/--no-reduce-zero-label",
+        help="Raw 0 means 'other' (ignored) and raw k is class k-1, as in ADE20K; predictions "
+        "are written back as k [auto: on for the ADE20K layout].",
+        rich_help_panel=DATA_PANEL,
+        show_default=False,
+    ),
+]

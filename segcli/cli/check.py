@@ -9,13 +9,16 @@ from typing import Annotated
 
 import typer
 
-DATA_PANEL = "Data"
+from segcli.cli._options import DATA_PANEL, DataFormat, IgnoreValues, ReduceZeroLabel
 
 
 def check(
     data: Annotated[
         Path | None,
-        typer.Argument(help="Dataset folder (train/, val/, ...); default: the bundled mock data."),
+        typer.Argument(
+            help="Dataset folder in any layout seg train reads (train/ and val/ folders, VOC, "
+            "Cityscapes, ADE20K, COCO, LabelMe); default: the bundled mock data."
+        ),
     ] = None,
     classes_file: Annotated[
         Path | None,
@@ -35,6 +38,9 @@ def check(
             rich_help_panel=DATA_PANEL,
         ),
     ] = None,
+    data_format: DataFormat = None,
+    ignore_values: IgnoreValues = None,
+    reduce_zero_label: ReduceZeroLabel = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON document on stdout.")
     ] = False,
@@ -46,11 +52,20 @@ def check(
     mapping (decided once for all splits) and class pixel frequencies."""
     from segcli.data import mock_root
     from segcli.data.checks import check_dataset
+    from segcli.data.classes import parse_ignore_values
     from segcli.data.dataset import DatasetError
 
     root = data if data is not None else mock_root()
     try:
-        report = check_dataset(root, classes_file, foreground_value=foreground)
+        report = check_dataset(
+            root,
+            classes_file,
+            foreground_value=foreground,
+            required_splits=("train",),
+            data_format=data_format,
+            ignore_values=parse_ignore_values(ignore_values),
+            reduce_zero_label=reduce_zero_label,
+        )
     except DatasetError as error:
         if json_output:
             print(json.dumps({"root": str(root), "valid": False, "problems": error.problems}))

@@ -1,19 +1,28 @@
-"""`seg eval CHECKPOINT`: score a checkpoint on a dataset split."""
+"""`seg eval MODEL...`: score a checkpoint (or an ensemble of them) on a dataset split."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import sys
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from segcli.cli._options import Amp, Device, Json, Overlap, Threshold, Tile, Tta, Workers
 
+if TYPE_CHECKING:
+    from segcli.infer.segmenter import Segmenter
+
 
 def eval_command(
-    checkpoint: Annotated[
-        str,
-        typer.Argument(help="A .safetensors checkpoint from seg train, or an .onnx file."),
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="A .safetensors checkpoint from seg train, a run folder (its best.safetensors) "
+            "or an .onnx file. Several, or a run folder of folds (fold_0/, fold_1/, ...), are "
+            "scored as one ensemble averaging their logits.",
+            show_default=False,
+        ),
     ],
     data: Annotated[
         str | None, typer.Option(help="Dataset folder [default: bundled mock data].")
@@ -44,11 +53,16 @@ def eval_command(
 
     The model is rebuilt from the checkpoint alone and run exactly as seg predict runs it (same
     preprocessing, --tta, --tile, --threshold); scores come from one confusion matrix over the
-    whole split."""
+    whole split. `seg eval runs/cv` scores the ensemble of a cross-validation run's folds."""
+    from segcli.infer.ensemble import describe
     from segcli.infer.evaluate import evaluate_checkpoint
 
+    def announce(segmenter: Segmenter) -> None:
+        if len(segmenter.checkpoints) > 1:
+            print(f"seg: {describe(segmenter.checkpoints)}", file=sys.stderr, flush=True)
+
     result = evaluate_checkpoint(
-        checkpoint,
+        models,
         data=data,
         split=split,
         batch_size=batch_size,
@@ -61,6 +75,7 @@ def eval_command(
         threshold=threshold,
         workers=workers,
         compile=compile_model,
+        loaded=announce,
     )
     if json_output:
         print(json.dumps(result, indent=2))
@@ -71,7 +86,7 @@ def eval_command(
     def cell(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    table = Table(title=f"{checkpoint} on {split} ({result['images']} images)")
+    table = Table(title=f"{result['checkpoint']} on {split} ({result['images']} images)")
     for column in ("class", "IoU", "Dice", "acc"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for index, name in enumerate(result["class_names"]):

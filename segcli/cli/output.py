@@ -22,6 +22,7 @@ from typing import BinaryIO, TextIO
 from segcli.errors import ReaderGone, RuntimeFailure, UsageError
 from segcli.files import atomic_write_bytes
 from segcli.infer.encode import OutputSpec
+from segcli.infer.ensemble import describe as describe_ensemble
 from segcli.infer.predict import Prediction, PredictOptions, Predictor
 from segcli.infer.segmenter import Segmenter
 
@@ -175,13 +176,14 @@ class PredictionWriter:
 
 
 def predict(
-    checkpoint: Path,
+    checkpoint: str | Path | Sequence[str | Path],
     inputs: Sequence[str],
     options: PredictOptions,
     streams: Streams | None = None,
 ) -> Summary:
-    """The whole command: load the model, find the inputs, run, report. Raises UsageError for a
-    bad checkpoint, flag or input list and RuntimeFailure when some inputs failed."""
+    """The whole command: load the model (several checkpoints, or a run folder of folds, as one
+    ensemble), find the inputs, run, report. Raises UsageError for a bad checkpoint, flag or
+    input list and RuntimeFailure when some inputs failed."""
     streams = streams or Streams()
     options.validate()
     segmenter = Segmenter.load(
@@ -191,6 +193,8 @@ def predict(
         compile=options.compile,
         **options.segmenter_options(),
     )
+    if len(segmenter.checkpoints) > 1:
+        _report(streams.log, describe_ensemble(segmenter.checkpoints))
     predictor = Predictor(segmenter, options)
     writer = PredictionWriter(segmenter, options, streams)
     if segmenter.off_scale:

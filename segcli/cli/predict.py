@@ -1,4 +1,4 @@
-"""`seg predict CHECKPOINT INPUT... --out DIR`: segment images for shell pipelines."""
+"""`seg predict MODEL... INPUT... --out DIR`: segment images for shell pipelines."""
 
 from __future__ import annotations
 
@@ -13,13 +13,20 @@ OUTPUT_PANEL = "Output"
 
 
 def predict(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="A .safetensors checkpoint, or an .onnx file from seg export.")
+    models: Annotated[
+        str,
+        typer.Argument(
+            help="A .safetensors checkpoint, a run folder (its best.safetensors) or an .onnx file "
+            "from seg export. Several, or a run folder of folds (fold_0/, fold_1/, ...), average "
+            "their logits as one ensemble.",
+            show_default=False,
+        ),
     ],
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="Image files, folders (searched recursively) or - for paths on stdin.",
+            help="Image files, folders (searched recursively) or - for paths on stdin; the "
+            "arguments after the models.",
             show_default=False,
         ),
     ],
@@ -99,8 +106,11 @@ def predict(
     stdout carries only the written paths, one per line as each is written (or JSON lines with
     --json), so `find imgs -name '*.png' | seg predict model.safetensors - --out masks/ | xargs
     ...` works. Unreadable inputs are reported on stderr and skipped (exit 1 at the end); a bad
-    checkpoint exits 2."""
+    checkpoint exits 2. The leading arguments that are checkpoints or run folders are the
+    models: `seg predict runs/cv imgs/ --out m/` ensembles every fold of a cross-validation
+    run."""
     from segcli.cli.output import predict as run_predict
+    from segcli.infer.ensemble import split_models
     from segcli.infer.predict import PredictOptions
 
     options = PredictOptions(
@@ -120,4 +130,7 @@ def predict(
         fail_fast=fail_fast,
         json=json_output,
     )
-    run_predict(checkpoint, inputs, options)
+    # Typer fills `models` with the first positional only; the models that follow it are at
+    # the head of `inputs`.
+    checkpoints, images = split_models([models, *inputs])
+    run_predict(checkpoints, images, options)

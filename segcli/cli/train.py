@@ -14,12 +14,15 @@ from segcli.cli._options import (
     Aux,
     Backbone,
     Cgm,
+    DataFormat,
     DecoderChannels,
     DeepSupervision,
     Down,
     FcWidth,
+    IgnoreValues,
     Json,
     OutputStride,
+    ReduceZeroLabel,
     Stride,
     Up,
 )
@@ -76,9 +79,30 @@ def train(
     ] = None,
     data: Annotated[str | None, _opt("Dataset folder [default: bundled mock data].", DATA)] = None,
     classes_file: Annotated[str | None, _opt("Class table (names, colours).", DATA)] = None,
+    format: DataFormat = None,
     foreground: Annotated[
         int | None, _opt("Raw mask value that is foreground in binary masks.", DATA)
     ] = None,
+    ignore_values: IgnoreValues = None,
+    reduce_zero_label: ReduceZeroLabel = None,
+    val_fraction: Annotated[
+        float | None,
+        _opt(
+            "Without a val split: the fraction of train held out as val, by --seed, saved to "
+            "the run's split.json [{default}].",
+            DATA,
+            setting="val_fraction",
+        ),
+    ] = None,
+    folds: Annotated[
+        int | None,
+        _opt(
+            "K-fold cross-validation over train and val pooled; without --fold, every fold in "
+            "turn into RUN/fold_I/.",
+            DATA,
+        ),
+    ] = None,
+    fold: Annotated[int | None, _opt("With --folds: the one fold to train, 0..K-1.", DATA)] = None,
     in_channels: Annotated[
         int | None, _opt("Input channels [{default}].", DATA, setting="in_channels")
     ] = None,
@@ -281,6 +305,17 @@ def train(
     if print_config:
         sys.stdout.write(resolved.to_toml())
         return
+    if resolved.folds is not None and resolved.fold is None:
+        from segcli.train.folds import train_folds
+
+        folds_summary = train_folds(resolved, Reporter())
+        if folds_summary is None:
+            return
+        if json_output:
+            print(json.dumps(folds_summary, indent=2))
+            return
+        _print_folds(folds_summary)
+        return
     summary = Trainer(resolved, Reporter()).run()
     if summary is None:  # a DDP rank other than 0: rank 0 reports
         return
@@ -288,6 +323,27 @@ def train(
         print(json.dumps(summary, indent=2))
         return
     _print_summary(summary)
+
+
+def _print_folds(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(summary['folds'])}-fold cross-validation: {summary['run']}")
+    for column in ("fold", "best epoch", "val mIoU", "checkpoint"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for fold, result in enumerate(summary["folds"]):
+        miou = result["val"]["miou"]
+        table.add_row(
+            str(fold), str(result["best_epoch"]), f"{miou:.4f}", result["best_checkpoint"]
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"val mIoU {summary['miou_mean']:.4f} +- {summary['miou_std']:.4f} over the folds; "
+        f"ensemble them with: seg predict {summary['run']} IMAGES --out DIR",
+        soft_wrap=True,
+    )
 
 
 def _print_summary(summary: dict) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from segcli.data.classes import ClassMapping
-from segcli.data.dataset import DatasetError, DatasetInfo, find_splits, scan_dataset
+from segcli.data.dataset import DatasetError, DatasetInfo, scan_dataset
 from segcli.data.io import read_image, read_mask
 from segcli.errors import UsageError
 
@@ -82,6 +82,7 @@ class DatasetReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "root": str(self.root),
+            "format": self.info.format,
             "classes_file": str(self.info.classes_file) if self.info.classes_file else None,
             "mapping": self.mapping.to_dict(),
             "splits": {name: stats.to_dict() for name, stats in self.splits.items()},
@@ -96,9 +97,7 @@ class DatasetReport:
 
         mapping = self.mapping
         source = f" (classes from {self.info.classes_file.name})" if self.info.classes_file else ""
-        header = Text(
-            f"{self.root}: valid, {mapping.kind} masks, {mapping.num_classes} classes{source}"
-        )
+        header = Text(f"{self.root}: valid {self.info.format} layout, {mapping.describe()}{source}")
         splits = Table(title="splits", title_justify="left")
         for column in ("split", "images", "sizes (HxW)", "channels", "ignored px"):
             splits.add_column(
@@ -137,6 +136,10 @@ def check_dataset(
     foreground_value: int | None = None,
     mapping: ClassMapping | None = None,
     required_splits: Sequence[str] = ("train", "val"),
+    data_format: str | None = None,
+    ignore_values: Sequence[int] = (),
+    reduce_zero_label: bool | None = None,
+    cache: Path | None = None,
 ) -> DatasetReport:
     """Check a dataset folder and report on it.
 
@@ -148,15 +151,26 @@ def check_dataset(
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise UsageError(f"{root_path}: dataset folder not found; check the path")
-    present = find_splits(root_path)
-    missing = [
-        f"{split}/: missing split; add {split}/images and {split}/masks"
-        for split in required_splits
-        if split not in present
-    ]
+    info = scan_dataset(
+        root_path,
+        classes_file,
+        foreground_value=foreground_value,
+        mapping=mapping,
+        data_format=data_format,
+        ignore_values=ignore_values,
+        reduce_zero_label=reduce_zero_label,
+        cache=cache,
+    )
+    missing = [split for split in required_splits if split not in info.splits]
     if missing:
-        raise DatasetError([f"{root_path}/{line}" for line in missing])
-    info = scan_dataset(root_path, classes_file, foreground_value=foreground_value, mapping=mapping)
+        have = ", ".join(info.splits) or "none"
+        raise DatasetError(
+            [
+                f"{root_path}: no '{split}' split in its {info.format} layout (found: {have}); "
+                f"add {split}/images and {split}/masks"
+                for split in missing
+            ]
+        )
     problems: list[str] = []
     stats: dict[str, SplitStats] = {}
     num_classes = info.mapping.num_classes

@@ -4,7 +4,9 @@ Decided once per dataset (never per split) and stored in the checkpoint, so eval
 prediction use exactly the classes training saw. Four kinds:
 
 - ``index``: single-channel masks holding class indices 0..C-1 (255 = ignore). A class table
-  may give each class an explicit raw ``value`` (e.g. masks stored as 0/128/255).
+  may give each class an explicit raw ``value`` (e.g. masks stored as 0/128/255). Other raw
+  values may be ignored too (``ignore_values``: CamVid's void 11; ``reduce_zero_label``: ADE20K's
+  0 = other, with raw k read as class k-1).
 - ``binary``: masks holding two values (0/255 by default); class 1 is the foreground value
   (255 unless ``foreground_value`` says otherwise, e.g. 0 for ISBI membranes).
 - ``palette``: indexed (palette) PNGs; the indices are the classes, the palette gives colours.
@@ -13,9 +15,12 @@ prediction use exactly the classes training saw. Four kinds:
 Class tables (``classes.json`` in the dataset root, or ``--classes-file``) may be:
 
 - JSON: ``{"classes": [{"name": "road", "color": [128, 64, 128], "value": 0}, ...],
-  "ignore_color": [0, 0, 0]}`` (or just the list); ``color`` is needed for RGB masks,
-  ``value`` defaults to the class's position; a list of plain names also works;
-- CSV with a header naming ``value`` and/or ``name`` and optionally ``r,g,b`` columns;
+  "ignore_color": [0, 0, 0], "ignore_values": [11]}`` (or just the list); ``color`` is needed
+  for RGB masks, ``value`` defaults to the class's position; a list of plain names also works;
+  an entry with ``"ignore": true`` (e.g. ``{"name": "void", "value": 11, "ignore": true}``)
+  marks a raw value or colour as ignored instead of making a class;
+- CSV with a header naming ``value`` and/or ``name`` and optionally ``r,g,b`` and ``ignore``
+  columns (a row with ignore = 1/true/yes is an ignored value, not a class);
 - text: one class name per line (labelme's ``class_names.txt``; ``__ignore__`` lines skipped).
 """
 
@@ -68,6 +73,14 @@ class ClassMapping:
     # RGB masks: colours that mean "ignore" rather than a class.
     ignore_colors: list[Color] = field(default_factory=list)
     foreground_value: int | None = None
+    # Raw values that mean "ignore" besides `ignore_index` (CamVid's void 11, a dataset's 0).
+    ignore_values: list[int] = field(default_factory=list)
+    # Values of no class are ignored instead of refused: formats whose masks hold more ids
+    # than they train on (Cityscapes' 34 label ids for 19 classes).
+    ignore_unlisted: bool = False
+    # ADE20K's convention: raw 0 is "other" (ignored) and raw k is class k-1; predictions are
+    # written back as raw values (class + 1).
+    reduce_zero_label: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -80,6 +93,15 @@ class ClassMapping:
             self.palette = [*self.palette, *extra]
         self.palette = self.palette[: len(self.names)]
         self.ignore_colors = [tuple(int(c) for c in color) for color in self.ignore_colors]  # type: ignore[misc]
+        self.ignore_values = sorted({int(value) for value in self.ignore_values})
+        clash = set(self.ignore_values) & set(self.raw_values())
+        if clash and self.kind != "rgb":
+            value = min(clash)
+            name = self.names[self.raw_values().index(value)]
+            raise UsageError(
+                f"value {value} is both class '{name}' and ignored; drop it from "
+                "--ignore-values or from the class table"
+            )
         self._lut_cache: dict[int, np.ndarray] = {}
 
     @property
@@ -91,8 +113,14 @@ class ClassMapping:
         return list(self.values) if self.values is not None else list(range(self.num_classes))
 
     def describe(self) -> str:
-        """One line for logs: kind and classes."""
-        return f"{self.kind} masks, {self.num_classes} classes: {', '.join(self.names)}"
+        """One line for logs: kind, classes, and raw values read as ignore besides 255."""
+        ignored = [str(value) for value in self.ignore_values]
+        if self.ignore_unlisted:
+            ignored.append("any value of no class")
+        note = f"; also ignored: {', '.join(ignored)}" if ignored else ""
+        if self.reduce_zero_label:
+            note += "; raw k is class k-1 (reduce-zero-label)"
+        return f"{self.kind} masks, {self.num_classes} classes: {', '.join(self.names)}{note}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +131,9 @@ class ClassMapping:
             "ignore_index": self.ignore_index,
             "ignore_colors": [list(color) for color in self.ignore_colors],
             "foreground_value": self.foreground_value,
+            "ignore_values": list(self.ignore_values),
+            "ignore_unlisted": self.ignore_unlisted,
+            "reduce_zero_label": self.reduce_zero_label,
         }
 
     @classmethod
@@ -115,6 +146,9 @@ class ClassMapping:
             ignore_index=int(data.get("ignore_index", IGNORE_INDEX)),
             ignore_colors=[tuple(color) for color in data.get("ignore_colors", [])],
             foreground_value=data.get("foreground_value"),
+            ignore_values=[int(v) for v in data.get("ignore_values", [])],
+            ignore_unlisted=bool(data.get("ignore_unlisted", False)),
+            reduce_zero_label=bool(data.get("reduce_zero_label", False)),
         )
 
     def _lut(self, size: int) -> np.ndarray:
@@ -123,9 +157,14 @@ class ClassMapping:
             lut = np.full(size, -1, dtype=np.int64)
             if self.kind != "binary" and self.ignore_index < size:
                 lut[self.ignore_index] = self.ignore_index
+            for value in self.ignore_values:
+                if 0 <= value < size:
+                    lut[value] = self.ignore_index
             for index, value in enumerate(self.raw_values()):
                 if 0 <= value < size:
                     lut[value] = index
+            if self.ignore_unlisted:
+                lut[lut < 0] = self.ignore_index
             self._lut_cache[size] = lut
         return self._lut_cache[size]
 
@@ -191,6 +230,20 @@ class ClassMapping:
         )
 
 
+def parse_ignore_values(text: str | Sequence[int] | None) -> list[int]:
+    """`--ignore-values` ("11" or "0,11"; a TOML file may give a list) as integers."""
+    if not text:
+        return []
+    parts = str(text).split(",") if isinstance(text, str) else list(text)
+    try:
+        values = [int(part) for part in parts if str(part).strip()]
+    except ValueError:
+        raise UsageError(f"--ignore-values {text}: give raw mask values, e.g. 11 or 0,11") from None
+    if any(not 0 <= value <= 65535 for value in values):
+        raise UsageError(f"--ignore-values {text}: raw mask values are 0..65535")
+    return values
+
+
 @dataclass
 class ClassTable:
     """A class table as read from a file: names, optional raw values and colours."""
@@ -200,6 +253,7 @@ class ClassTable:
     values: list[int] | None = None
     colors: list[Color] | None = None
     ignore_colors: list[Color] = field(default_factory=list)
+    ignore_values: list[int] = field(default_factory=list)
 
 
 def find_class_table(root: Path) -> Path | None:
@@ -241,11 +295,16 @@ def _read_json_table(path: Path) -> ClassTable:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"{path}: not a readable JSON class table ({error})") from None
     ignore: list[Color] = []
+    ignore_values: list[int] = []
     if isinstance(data, dict):
         raw_ignore = data.get("ignore_color", data.get("ignore_colors", []))
         if raw_ignore and not isinstance(raw_ignore[0], (list, tuple, str)):
             raw_ignore = [raw_ignore]
         ignore = [_color(color, path) for color in raw_ignore]
+        raw_values = data.get("ignore_values", [])
+        if not isinstance(raw_values, list):
+            raw_values = [raw_values]
+        ignore_values = [_int(value, path, "ignore value") for value in raw_values]
         data = data.get("classes")
     if not isinstance(data, list) or not data:
         raise UsageError(
@@ -260,19 +319,35 @@ def _read_json_table(path: Path) -> ClassTable:
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
             raise UsageError(f"{path}: class {position} needs a 'name'")
+        if entry.get("ignore"):
+            # An entry such as {"name": "void", "value": 11, "ignore": true} names a raw value
+            # (or colour) that is ignored, not a class.
+            if "value" in entry:
+                ignore_values.append(_int(entry["value"], path, "value"))
+            if "color" in entry:
+                ignore.append(_color(entry["color"], path))
+            if "value" not in entry and "color" not in entry:
+                raise UsageError(f"{path}: ignore entry '{entry['name']}' needs a 'value'")
+            continue
         names.append(str(entry["name"]))
-        values.append(_int(entry.get("value", position), path, "value"))
+        values.append(_int(entry.get("value", len(names) - 1), path, "value"))
         if "color" in entry:
             colors.append(_color(entry["color"], path))
     if colors and len(colors) != len(names):
         raise UsageError(f"{path}: give a 'color' for every class or for none")
+    if not names:
+        raise UsageError(f"{path}: every entry is an ignore entry; list at least one class")
     return ClassTable(
         path,
         names,
         values if values != list(range(len(names))) else None,
         colors or None,
         ignore,
+        ignore_values,
     )
+
+
+_TRUE = frozenset({"1", "true", "yes", "y", "x"})
 
 
 def _read_csv_table(path: Path) -> ClassTable:
@@ -288,16 +363,27 @@ def _read_csv_table(path: Path) -> ClassTable:
     names: list[str] = []
     values: list[int] = []
     colors: list[Color] = []
-    for position, row in enumerate(rows):
+    ignore_values: list[int] = []
+    for row in rows:
+        position = len(names)
         value = _int(row[fields["value"]], path, "value") if "value" in fields else position
+        if "ignore" in fields and row[fields["ignore"]].strip().lower() in _TRUE:
+            ignore_values.append(value)
+            continue
         values.append(value)
         names.append(row[fields["name"]].strip() if "name" in fields else str(value))
         if all(channel in fields for channel in "rgb"):
             colors.append(_color([row[fields[c]] for c in "rgb"], path))
         elif "color" in fields:
             colors.append(_color(row[fields["color"]], path))
+    if not names:
+        raise UsageError(f"{path}: every row is an ignore row; list at least one class")
     return ClassTable(
-        path, names, values if values != list(range(len(names))) else None, colors or None
+        path,
+        names,
+        values if values != list(range(len(names))) else None,
+        colors or None,
+        ignore_values=ignore_values,
     )
 
 

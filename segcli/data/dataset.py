@@ -28,10 +28,10 @@ from segcli.data.io import (
     read_palette,
     to_channels,
 )
+from segcli.data.layouts import Layout
 from segcli.data.transforms import AugmentConfig, build_transforms, default_normalization
-from segcli.errors import UsageError
+from segcli.errors import UsageError, choose
 
-SPLIT_ORDER = ("train", "val", "test")
 # Without a class table, index masks may hold at most this many classes; a larger value almost
 # always means gray-level or anti-aliased masks rather than class indices.
 MAX_INFERRED_CLASSES = 100
@@ -62,6 +62,7 @@ class DatasetInfo:
     mapping: ClassMapping
     splits: dict[str, list[Pair]]
     classes_file: Path | None = None
+    format: str = "folders"
 
     def pairs(self, split: str) -> list[Pair]:
         if split not in self.splits:
@@ -78,12 +79,11 @@ def _listing(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def pair_split(root: Path, split: str) -> tuple[list[Pair], list[str]]:
-    """Pair `split/images/*` with `split/masks/*` by stem. Returns the pairs and one problem line
-    per unpaired, duplicated or non-image file."""
-    images_dir, masks_dir = root / split / "images", root / split / "masks"
+def pair_folders(images_dir: Path, masks_dir: Path) -> tuple[list[Pair], list[str]]:
+    """Pair `images_dir/*` with `masks_dir/*` by stem. Returns the pairs and one problem line per
+    unpaired, duplicated or non-image file."""
     if not masks_dir.is_dir():
-        return [], [f"{masks_dir}: missing; put the masks of {split}/images there"]
+        return [], [f"{masks_dir}: missing; put the masks of {images_dir} there"]
     problems: list[str] = []
     by_stem: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
     for kind, folder in (("image", images_dir), ("mask", masks_dir)):
@@ -103,30 +103,70 @@ def pair_split(root: Path, split: str) -> tuple[list[Pair], list[str]]:
     for stem, path in images.items():
         if stem not in masks:
             problems.append(
-                f"{path}: image without a mask (expected "
-                f"{split}/masks/{stem}.png or another format); add the mask or remove the image"
+                f"{path}: image without a mask (expected {masks_dir / stem}.png or another "
+                "format); add the mask or remove the image"
             )
     for stem, path in masks.items():
         if stem not in images:
             problems.append(
-                f"{path}: mask without an image (expected "
-                f"{split}/images/{stem}.*); add the image or remove the mask"
+                f"{path}: mask without an image (expected {images_dir / stem}.*); add the "
+                "image or remove the mask"
             )
     if not images and not masks and not problems:
-        problems.append(f"{images_dir}: empty split; add images and masks or remove {root / split}")
+        problems.append(f"{images_dir}: empty; add images and masks or remove the folder")
     pairs = [(images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
     return pairs, problems
 
 
-def find_splits(root: Path) -> list[str]:
-    """Split folders (those with an images/ folder): train, val, test first, then the others."""
-    found = [p.name for p in root.iterdir() if p.is_dir() and (p / "images").is_dir()]
-    return sorted(
-        found, key=lambda name: (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else 3, name)
-    )
+def read_layout(
+    root: Path,
+    data_format: str | None,
+    cache: Path | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Layout:
+    """The dataset's files in its layout (`data_format`, else detected): pairs per split, the
+    classes the format defines and its ignore conventions. Annotation formats (COCO, LabelMe)
+    are rasterised into `cache` (default: the user cache) with `class_names` when given (a
+    checkpoint's classes) so class indices match."""
+    from segcli.data import layouts
+
+    if data_format is not None:
+        choose("--format", data_format, ("auto", *layouts.FORMATS))
+    if data_format in (None, "auto"):
+        data_format = layouts.detect_format(root)
+    if data_format is None:
+        raise UsageError(
+            f"{root}: no dataset layout found; expected train/images + train/masks (and val/), "
+            "images/ + masks/, or a VOC, Cityscapes, ADE20K, COCO or LabelMe folder"
+        )
+    if cache is None:
+        from segcli.device import cache_dir
+
+        cache = cache_dir() / "masks"
+    if data_format == "folders":
+        splits, problems = {}, []
+        for split in layouts.folder_splits(root):
+            splits[split], split_problems = pair_folders(
+                root / split / "images", root / split / "masks"
+            )
+            problems.extend(split_problems)
+        return layouts.Layout("folders", splits, problems)
+    if data_format == "flat":
+        pairs, problems = pair_folders(root / "images", root / "masks")
+        return layouts.Layout("flat", {"train": pairs}, problems)
+    readers = {
+        "voc": lambda: layouts.read_voc(root),
+        "cityscapes": lambda: layouts.read_cityscapes(root),
+        "ade20k": lambda: layouts.read_ade20k(root),
+        "coco": lambda: layouts.read_coco(root, cache, class_names),
+        "labelme": lambda: layouts.read_labelme(root, cache, class_names),
+    }
+    return readers[data_format]()
 
 
-def _table_mapping(table: ClassTable, modes: set[str], first_mask: Path) -> ClassMapping:
+def _table_mapping(
+    table: ClassTable, modes: set[str], first_mask: Path, ignored: list[int], reduce: bool
+) -> ClassMapping:
     """The mapping a class table implies for masks of the given Pillow modes: colours for colour
     masks when the table has them, raw values otherwise (gray masks saved as RGB included)."""
     if modes & _COLOR_MODES and table.colors is not None:
@@ -136,10 +176,21 @@ def _table_mapping(table: ClassTable, modes: set[str], first_mask: Path) -> Clas
     if modes <= {"P", "PA"}:
         kind = "palette"
         palette = palette or read_palette(first_mask)[: len(table.names)]
-    return ClassMapping(kind, table.names, palette or [], values=table.values)
+    values = table.values
+    if reduce:
+        values = values or list(range(1, len(table.names) + 1))
+        ignored = sorted({0, *ignored})
+    return ClassMapping(
+        kind,
+        table.names,
+        palette or [],
+        values=values,
+        ignore_values=ignored,
+        reduce_zero_label=reduce,
+    )
 
 
-def _unique_values(pairs: list[Pair], root: Path, problems: list[str]) -> dict[int, Path]:
+def _unique_values(pairs: list[Pair], problems: list[str]) -> dict[int, Path]:
     """Every raw value in the masks, with the first file holding it (for error messages)."""
     seen: dict[int, Path] = {}
     for _, mask_path in pairs:
@@ -162,7 +213,7 @@ def _unique_values(pairs: list[Pair], root: Path, problems: list[str]) -> dict[i
 
 
 def _binary_mapping(
-    values: set[int], foreground_value: int, table: ClassTable | None
+    values: set[int], foreground_value: int, table: ClassTable | None, ignored: list[int]
 ) -> ClassMapping:
     others = sorted(values - {foreground_value})
     background = others[0] if others else (0 if foreground_value != 0 else 255)
@@ -177,24 +228,28 @@ def _binary_mapping(
         [(0, 0, 0), (255, 255, 255)],
         values=[background, foreground_value],
         foreground_value=foreground_value,
+        ignore_values=ignored,
     )
 
 
 def _infer_mapping(
-    root: Path,
     pairs: list[Pair],
     modes: set[str],
     table: ClassTable | None,
     foreground_value: int | None,
     problems: list[str],
+    ignored: list[int],
+    reduce: bool,
 ) -> ClassMapping | None:
     first_mask = pairs[0][1]
     if table is not None and (modes & _COLOR_MODES or foreground_value is None):
         table_values = set(table.values) if table.values is not None else None
         if table_values != {0, 255}:
-            return _table_mapping(table, modes, first_mask)
-    seen = _unique_values(pairs, root, problems)
-    values = set(seen)
+            return _table_mapping(table, modes, first_mask, ignored, reduce)
+    seen = _unique_values(pairs, problems)
+    if reduce:
+        ignored = sorted({0, *ignored})
+    values = set(seen) - set(ignored)
     if problems:
         return None
     if foreground_value is not None:
@@ -212,23 +267,29 @@ def _infer_mapping(
                 f"{foreground_value}); binary masks hold two values, fix the mask"
             )
             return None
-        return _binary_mapping(values, foreground_value, table)
-    if modes == {"1"} or (255 in values and values <= {0, 255}):
-        return _binary_mapping(values, 255, table)
+        return _binary_mapping(values, foreground_value, table, ignored)
+    if not reduce and (modes == {"1"} or (255 in values and values <= {0, 255})):
+        return _binary_mapping(values, 255, table, ignored)
     labels = values - {IGNORE_INDEX}
     top = max(labels, default=0)
-    if top >= MAX_INFERRED_CLASSES:
+    if top >= MAX_INFERRED_CLASSES + reduce:
         problems.append(
             f"{seen[top]}: value {top} maps to no class (over "
             f"{MAX_INFERRED_CLASSES} classes without a class table); fix the mask or give a "
             "class table (classes.json or --classes-file)"
         )
         return None
-    count = top + 1
-    names = [f"class_{index}" for index in range(count)]
+    first = int(reduce)
+    raw = list(range(first, top + 1)) if top >= first else [first]
+    names = [f"class_{value}" for value in raw]
+    common = {
+        "values": raw if reduce else None,
+        "ignore_values": ignored,
+        "reduce_zero_label": reduce,
+    }
     if modes <= {"P", "PA"}:
-        return ClassMapping("palette", names, read_palette(first_mask)[:count])
-    return ClassMapping("index", names, default_palette(count))
+        return ClassMapping("palette", names, read_palette(first_mask)[first : top + 1], **common)
+    return ClassMapping("index", names, default_palette(len(names)), **common)
 
 
 def scan_dataset(
@@ -238,41 +299,49 @@ def scan_dataset(
     foreground_value: int | None = None,
     mapping: ClassMapping | None = None,
     splits: Sequence[str] | None = None,
+    data_format: str | None = None,
+    ignore_values: Sequence[int] = (),
+    reduce_zero_label: bool | None = None,
+    cache: Path | None = None,
 ) -> DatasetInfo:
-    """Pair every split's images and masks and decide the class mapping once for all splits.
+    """Find every split's images and masks in the dataset's layout (see `segcli.data.layouts`)
+    and decide the class mapping once for all splits.
 
     The mapping comes from, in order: `mapping` (e.g. one stored in a checkpoint); a class table
-    (`classes_file`, else classes.json / classes.csv / class_names.txt / classes.txt in `root`);
-    the masks themselves (mode '1' or 0/255 values: binary; palette PNGs: palette; else index
-    with max value + 1 classes). `foreground_value` makes the masks binary with that raw value as
-    class 1 (e.g. 0 for ISBI membranes); by default 255 is the foreground of 0/255 masks.
-    Raises DatasetError listing every pairing problem.
+    (`classes_file`, else the classes the format defines, else classes.json / classes.csv /
+    class_names.txt / classes.txt in `root`); the masks themselves (mode '1' or 0/255 values:
+    binary; palette PNGs: palette; else index with max value + 1 classes). `foreground_value`
+    makes the masks binary with that raw value as class 1 (e.g. 0 for ISBI membranes); by
+    default 255 is the foreground of 0/255 masks. `ignore_values` are raw values read as
+    ignore besides 255; `reduce_zero_label` (default: the layout's convention, on for ADE20K)
+    reads raw 0 as ignore and raw k as class k-1. Raises DatasetError listing every problem.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise UsageError(f"{root}: dataset folder not found; check --data")
-    names = list(splits) if splits is not None else find_splits(root)
-    if not names:
-        raise UsageError(
-            f"{root}: no split folders; expected train/images, train/masks, val/images, val/masks"
-        )
-    problems: list[str] = []
-    found: dict[str, list[Pair]] = {}
-    for split in names:
-        if not (root / split / "images").is_dir():
-            problems.append(
-                f"{root / split / 'images'}: missing; add {split}/images and {split}/masks"
-            )
-            continue
-        pairs, split_problems = pair_split(root, split)
-        found[split] = pairs
-        problems.extend(split_problems)
+    layout = read_layout(root, data_format, cache, mapping.names if mapping else None)
+    problems = list(layout.problems)
+    found = layout.splits
+    if splits is not None:
+        for split in splits:
+            if split not in found:
+                have = ", ".join(found) or "none"
+                problems.append(f"{root}: has no '{split}' split (found: {have})")
+        found = {split: found[split] for split in splits if split in found}
+    if not found and not problems:
+        problems.append(f"{root}: no images found in its {layout.name} layout")
     if problems:
         raise DatasetError(problems)
 
     table_path = Path(classes_file).expanduser() if classes_file else find_class_table(root)
     if mapping is None:
-        table = read_class_table(table_path) if table_path is not None else None
+        table = None
+        if classes_file is not None or layout.table is None:
+            table = read_class_table(table_path) if table_path is not None else None
+        else:
+            table, table_path = layout.table, None
+        reduce = layout.reduce_zero_label if reduce_zero_label is None else reduce_zero_label
+        ignored = sorted({*ignore_values, *(table.ignore_values if table else [])})
         all_pairs = [pair for pairs in found.values() for pair in pairs]
         modes: set[str] = set()
         for _, mask_path in all_pairs:
@@ -287,10 +356,13 @@ def scan_dataset(
                 "or RGB images"
             )
         if not problems:
-            mapping = _infer_mapping(root, all_pairs, modes, table, foreground_value, problems)
+            mapping = _infer_mapping(
+                all_pairs, modes, table, foreground_value, problems, ignored, reduce
+            )
         if problems or mapping is None:
             raise DatasetError(problems)
-    return DatasetInfo(root, mapping, found, table_path)
+        mapping.ignore_unlisted = layout.ignore_unlisted
+    return DatasetInfo(root, mapping, found, table_path, layout.name)
 
 
 class SegmentationDataset(Dataset):

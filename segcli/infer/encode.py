@@ -30,6 +30,9 @@ class OutputSpec:
     threshold: float
     class_names: list[str]
     palette: torch.Tensor  # K x 3 uint8
+    # Added to class indices in index PNGs: 1 for reduce-zero-label data, whose masks hold
+    # class k as raw k+1, so predictions read like the dataset's own masks.
+    index_offset: int = 0
 
     @classmethod
     def from_info(cls, info: CheckpointInfo, format: str, threshold: float) -> OutputSpec:
@@ -40,9 +43,13 @@ class OutputSpec:
             raise UsageError(f"--format {format} holds at most 256 classes; this model has {count}")
         names = info.class_names[:count]
         names += [str(index) for index in range(len(names), count)]
-        colors = ClassMapping.from_dict(info.classes).palette[:count]
+        mapping = ClassMapping.from_dict(info.classes)
+        colors = mapping.palette[:count]
         colors += default_palette(count)[len(colors) :]
-        return cls(format, threshold, names, torch.tensor(colors, dtype=torch.uint8))
+        offset = int(mapping.reduce_zero_label)
+        if format == "index" and count + offset > 256:
+            raise UsageError("--format index holds at most 255 classes after reduce-zero-label")
+        return cls(format, threshold, names, torch.tensor(colors, dtype=torch.uint8), offset)
 
     def render(
         self, logits: torch.Tensor, original: torch.Tensor | None
@@ -60,7 +67,9 @@ class OutputSpec:
         if self.format == "overlay":
             assert original is not None  # the dataset keeps originals for overlays
             return png_bytes(blend(original, labels, self.palette).permute(1, 2, 0).numpy()), counts
-        return png_bytes(labels.numpy(), self.palette if self.format == "color" else None), counts
+        if self.format == "color":
+            return png_bytes(labels.numpy(), self.palette), counts
+        return png_bytes(labels.numpy() + np.uint8(self.index_offset)), counts
 
 
 def blend(original: torch.Tensor, labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:

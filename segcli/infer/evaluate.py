@@ -4,7 +4,10 @@ augmentation."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +65,7 @@ def evaluate(
 
 
 def evaluate_checkpoint(
-    checkpoint: str,
+    checkpoint: str | Path | Sequence[str | Path],
     *,
     data: str | None = None,
     split: str = "val",
@@ -76,10 +79,13 @@ def evaluate_checkpoint(
     threshold: float | None = None,
     workers: int | None = None,
     compile: bool = False,
+    loaded: Callable[[Segmenter], None] | None = None,
 ) -> dict[str, Any]:
     """Rebuild a model from its checkpoint (or exported ONNX file) alone and score it on a split
     of a dataset (the checkpoint's class mapping decides how masks are read), through the same
-    Segmenter `seg predict` uses."""
+    Segmenter `seg predict` uses. Several checkpoints, or a run folder of folds, are scored as
+    one ensemble (`Segmenter.load`). `loaded(segmenter)` is called before scoring starts, for a
+    CLI to say what it loaded."""
     from segcli.data import (
         ClassMapping,
         SegmentationDataset,
@@ -102,18 +108,31 @@ def evaluate_checkpoint(
         threshold=threshold,
         window_batch=batch_size,
     )
+    if loaded is not None:
+        loaded(segmenter)
     info, device = segmenter.info, segmenter.device
     mapping = ClassMapping.from_dict(info.classes)
-    report = check_dataset(data or mock_root(), mapping=mapping, required_splits=(split,))
-    if split not in report.info.splits:
-        raise UsageError(f"--split {split}: the dataset has no {split}/ folder")
+    report = check_dataset(data or mock_root(), mapping=mapping, required_splits=())
+    data_info = report.info
+    if split not in data_info.splits:
+        # A run that held out its own val split (or trained one fold) saved it beside its
+        # checkpoints: score on those images.
+        from segcli.data.splits import SPLIT_FILE, load_split
+
+        sources = segmenter.checkpoints
+        saved = Path(sources[0]).parent / SPLIT_FILE if len(sources) == 1 else None
+        if split != "val" or saved is None or not saved.is_file():
+            have = ", ".join(data_info.splits)
+            raise UsageError(f"--split {split}: the dataset has no {split} split (found: {have})")
+        held_out = load_split(saved, data_info.root).val
+        data_info = dataclasses.replace(data_info, splits={split: held_out})
     spec = info.spec
     # A patch model sees each whole image at its training scale: scored at the image's own
     # size, one image per batch (sizes differ; its windows are batched instead).
     whole_images = segmenter.size is None
     full_res = full_res or whole_images
     dataset = SegmentationDataset(
-        report.info,
+        data_info,
         split,
         size=segmenter.size,
         in_channels=spec.in_channels,
@@ -135,8 +154,15 @@ def evaluate_checkpoint(
     result = evaluate(
         segmenter, loader, scored_classes=info.scored_classes, ignore_index=info.ignore_index
     )
+    ensemble = len(segmenter.checkpoints) > 1
     return {
-        "checkpoint": str(checkpoint),
+        # As given: one argument, or several joined as on the command line.
+        "checkpoint": (
+            str(checkpoint)
+            if isinstance(checkpoint, (str, Path))
+            else " ".join(map(str, checkpoint))
+        ),
+        "checkpoints": [str(path) for path in segmenter.checkpoints],
         "split": split,
         "images": len(dataset),
         "full_res": full_res,
@@ -145,7 +171,8 @@ def evaluate_checkpoint(
         "threshold": segmenter.threshold if info.binary else None,
         "precision": segmenter.precision.name,
         "class_names": mapping.names,
-        "epoch": info.epoch,
+        # The members of an ensemble may stop at different epochs.
+        "epoch": None if ensemble else info.epoch,
         **result.metrics,
         # rows: true class, columns: predicted class; ignored pixels are not counted
         "confusion_matrix": result.matrix.matrix.cpu().tolist(),

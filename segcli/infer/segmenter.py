@@ -97,6 +97,7 @@ class Segmenter:
         threshold: float | None = None,
         size: tuple[int, int] | str | None = None,
         window_batch: int = 4,
+        checkpoints: Sequence[Path] = (),
     ) -> None:
         if threshold is not None and not info.binary:
             raise UsageError(
@@ -124,6 +125,8 @@ class Segmenter:
             tile = spec.size[0]
         self.model = model
         self.info = info
+        # The files `load` read (several for an ensemble); empty for a live module.
+        self.checkpoints = list(checkpoints)
         self.spec: InferenceSpec = spec
         self.device = device
         self.precision = precision
@@ -154,7 +157,7 @@ class Segmenter:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | Sequence[str | Path],
         *,
         device: str | torch.device = "auto",
         amp: str = "auto",
@@ -162,27 +165,34 @@ class Segmenter:
         **options: Any,
     ) -> Segmenter:
         """Open a `.safetensors` checkpoint from `seg train` or an `.onnx` file from
-        `seg export`. `amp` and `compile` are the CLI's `--amp` and `--compile`; ONNX models
-        run in float32 on onnxruntime. Other keywords are the constructor's."""
-        path = Path(path)
+        `seg export`; a run folder stands for its best.safetensors. Several paths, or a
+        cross-validation run folder (fold_0/, fold_1/, ...), load an ensemble that averages
+        the members' logits (`segcli.infer.ensemble`); `info` is then the first member's.
+        `amp` and `compile` are the CLI's `--amp` and `--compile` and apply to every member;
+        ONNX models run alone, in float32 on onnxruntime. Other keywords are the
+        constructor's."""
+        from segcli.infer.ensemble import Ensemble, expand_models, load_members
+
+        paths = expand_models([path] if isinstance(path, (str, Path)) else path)
+        if not paths:
+            raise UsageError("no checkpoint given; pass a .safetensors file or a run folder")
         device = device if isinstance(device, torch.device) else resolve_device(device)
-        if path.suffix.lower() == ".onnx":
+        if len(paths) == 1 and paths[0].suffix.lower() == ".onnx":
             if compile:
                 raise UsageError("--compile applies to .safetensors checkpoints, not ONNX files")
             from segcli.infer.onnx_model import load_onnx
 
-            model, info = load_onnx(path, device)
+            model, info = load_onnx(paths[0], device)
             precision = Precision(None, channels_last=False)
         else:
-            from segcli.checkpoint import load_model
-
             precision = resolve_precision(amp, device)
-            model, info = load_model(path, device)
+            members, info = load_members(paths, device)
             if precision.channels_last:
-                model = model.to(memory_format=torch.channels_last)
+                members = [m.to(memory_format=torch.channels_last) for m in members]
             if compile:
-                model = compiled(model)
-        return cls(model, info, device=device, precision=precision, **options)
+                members = [compiled(m) for m in members]
+            model = members[0] if len(members) == 1 else Ensemble(members)
+        return cls(model, info, device=device, precision=precision, checkpoints=paths, **options)
 
     # -- what it is ------------------------------------------------------------------------
     @property

@@ -24,8 +24,14 @@ class TrainConfig:
     backbone_weights: str | None = None
     # data
     data: str | None = None  # None: the bundled mock dataset
+    format: str = "auto"  # the dataset layout; auto: detected
     classes_file: str | None = None
     foreground: int | None = None
+    ignore_values: str | None = None  # "11" or "0,11": raw mask values read as ignore
+    reduce_zero_label: bool | None = None  # None: the layout's convention (on for ADE20K)
+    val_fraction: float = 0.2  # held out of train when the data has no val split
+    folds: int | None = None  # K-fold cross-validation over train and val pooled
+    fold: int | None = None  # the fold to train; None with folds: every fold in turn
     in_channels: int = 3
     size: str = "256"
     crop: int | None = None  # native-resolution patches of crop x crop instead of --size
@@ -100,6 +106,25 @@ class TrainConfig:
             raise UsageError(f"--crop {self.crop}: give a patch side from 16 to 16384 pixels")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(
+                f"--val-fraction {self.val_fraction}: give a fraction in (0, 1), e.g. 0.2"
+            )
+        if self.folds is not None and self.folds < 2:
+            raise UsageError(f"--folds {self.folds}: cross-validation needs at least 2 folds")
+        if self.fold is not None and self.folds is None:
+            raise UsageError(f"--fold {self.fold} needs --folds K (the number of folds)")
+        if self.fold is not None and self.folds is not None and not 0 <= self.fold < self.folds:
+            raise UsageError(
+                f"--fold {self.fold}: give a fold from 0 to {self.folds - 1} (--folds {self.folds})"
+            )
+        self.ignore_value_list()
+
+    def ignore_value_list(self) -> list[int]:
+        """--ignore-values as integers."""
+        from segcli.data.classes import parse_ignore_values
+
+        return parse_ignore_values(self.ignore_values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

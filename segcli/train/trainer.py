@@ -5,6 +5,7 @@ stopping, and clean stops on Ctrl-C, SIGTERM or a non-finite loss."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import signal
@@ -78,6 +79,9 @@ class RunData:
     # Native-resolution patches (--crop): the factor images are resized by; None: whole images
     # resized to `size`.
     patch_scale: float | None = None
+    split: Any = None  # the SplitPlan: which images train and which validate
+    root: Path | None = None
+    format: str = "folders"
 
     @property
     def model_classes(self) -> int:
@@ -121,7 +125,9 @@ def stop_on_signals() -> Iterator[dict[str, bool]]:
             signal.signal(sig, handler)
 
 
-def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
+def load_data(config: TrainConfig, out: Path, mapping: Any = None) -> RunData:
+    """The run's datasets. `out` is the run folder: annotation formats rasterise into its
+    `cache/`, and a resumed run reads the split it started with from its split.json."""
     from segcli.data import (
         AugmentConfig,
         SegmentationDataset,
@@ -130,15 +136,44 @@ def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
         mock_root,
         parse_size,
     )
+    from segcli.data.splits import SPLIT_FILE, load_split, plan_split
 
     root = Path(config.data) if config.data else mock_root()
     report = check_dataset(
-        root, config.classes_file, foreground_value=config.foreground, mapping=mapping
+        root,
+        config.classes_file,
+        foreground_value=config.foreground,
+        mapping=mapping,
+        required_splits=("train",),
+        data_format=config.format,
+        ignore_values=config.ignore_value_list(),
+        reduce_zero_label=config.reduce_zero_label,
+        cache=out / "cache",
+    )
+    saved = out / SPLIT_FILE
+    if config.resume and saved.is_file():
+        split = load_split(saved, report.root)
+    else:
+        split = plan_split(
+            report.info,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            folds=config.folds,
+            fold=config.fold,
+        )
+    info = dataclasses.replace(report.info, splits={"train": split.train, "val": split.val})
+    # Class pixels of the split as trained: the dataset's train split, or every split pooled
+    # when train was re-cut (hold-out or folds), which is within a fold of the same figure.
+    chosen = report.splits["train"] if split.kind == "dataset" else None
+    pixels = (
+        chosen.class_pixels
+        if chosen
+        else np.sum([stats.class_pixels for stats in report.splits.values()], axis=0).tolist()
     )
     patches = config.crop is not None
     size = (config.crop, config.crop) if patches else parse_size(config.size)
     if patches:
-        check_crop(report.info, config.crop, config.scale)
+        check_crop(info, config.crop, config.scale)
     mean, std = default_normalization(config.in_channels)
     augment = AugmentConfig.from_flags(
         config.augment,
@@ -154,18 +189,19 @@ def load_data(config: TrainConfig, mapping: Any = None) -> RunData:
     # Patch models validate on whole images (sliding windows, scored at the image's own size).
     val_size = None if patches else size
     return RunData(
-        train=SegmentationDataset(
-            report.info, "train", size=size, augment=augment, scale=scale, **common
-        ),
+        train=SegmentationDataset(info, "train", size=size, augment=augment, scale=scale, **common),
         val=SegmentationDataset(
-            report.info, "val", size=val_size, scale=scale, native_masks=patches, **common
+            info, "val", size=val_size, scale=scale, native_masks=patches, **common
         ),
         mapping=report.mapping,
-        class_pixels=list(report.splits["train"].class_pixels),
+        class_pixels=[int(count) for count in pixels],
         size=size,
         mean=tuple(mean),
         std=tuple(std),
         patch_scale=scale,
+        split=split,
+        root=report.root,
+        format=report.info.format,
     )
 
 
@@ -312,9 +348,16 @@ class Trainer:
             mapping = ClassMapping.from_dict(info.classes)
             resume_state = load_training_state(state_path_for(config.resume))
             check_pair(Path(config.resume), resume_state, info)
-        self.data = load_data(config, mapping)
-
         from segcli.models import build_model
+        from segcli.models.registry import resolve_backbone
+
+        if config.resume:
+            self.out = Path(config.resume).parent
+        elif config.out:
+            self.out = Path(config.out)
+        else:
+            self.out = default_run_dir(config, resolve_backbone(config.arch, config.backbone))
+        self.data = load_data(config, self.out, mapping)
 
         # A resumed run's weights, pretrained ones included, come from its checkpoint: resuming
         # needs neither the network nor the original --backbone-weights file.
@@ -407,10 +450,7 @@ class Trainer:
         # Wall-clock of earlier sessions of this run (resume) and the epochs a time limit plans.
         self.wall_before, self.planned_epochs = 0.0, config.epochs
         if config.resume:
-            self.out = Path(config.resume).parent
             self._restore(resume_state)
-        else:
-            self.out = Path(config.out) if config.out else default_run_dir(config, self.backbone)
         self.step_model: nn.Module = self.model
         if config.compile:
             self.step_model = compiled(self.model)
@@ -419,6 +459,17 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_model = DistributedDataParallel(self.step_model, device_ids=device_ids)
+
+    def _save_split(self) -> None:
+        """Write split.json (a resumed run keeps its own) and say how the split was made when
+        the dataset's own val split was not used as it is."""
+        from segcli.data.splits import SPLIT_FILE, save_split
+
+        split, path = self.data.split, self.out / SPLIT_FILE
+        if not path.is_file():
+            save_split(split, self.data.root, path)
+        if split.kind != "dataset":
+            self.reporter.log(f"{split.describe()}; written to {path}")
 
     def _check_batch(self, batch: int, model: nn.Module) -> None:
         """Refuse, before any work, batches that cannot train: smaller than the model's BatchNorm
@@ -665,6 +716,7 @@ class Trainer:
         if context.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(config.to_toml())
+            self._save_split()
             self.reporter.log(
                 f"training {config.arch}/{self.backbone} on {self.data.mapping.describe()}; "
                 f"{len(self.data.train)} train / {len(self.data.val)} val images at "
