@@ -369,10 +369,3 @@ def test_import_does_not_load_torch():
     code = "import sys, segcli.data.annotations; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
-
-
-def test_image_suffixes_match_the_readers():
-    # Catches the copy of IMAGE_EXTENSIONS drifting from segcli.data.io's.
-    from segcli.data.io import IMAGE_EXTENSIONS
-
-    assert rasteriser.IMAGE_SUFFIXES == IMAGE_EXTENSIONS

@@ -31,7 +31,33 @@ def test_cli_json(seg) -> None:
     assert report["size"] == [64, 64] and result["variant"] == "eager fp32 NCHW"
     assert result["images_per_s"] > 0 and result["gflops_per_image"] > 0
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
-    assert result["peak_memory_mb"] > 0 and result["peak_fraction"] > 0
+    assert result["peak_memory_mb"] > 0
+    # Catches a FLOP count, achieved rate or peak fraction computed from the wrong terms: the
+    # count must equal every convolution's multiply-adds counted here by hooks, independently
+    # of the FLOP counter the bench uses, and the fraction the achieved over the measured peak.
+    import torch
+
+    from segcli.models import build_model
+
+    model = build_model("unet", "resnet18", 3, report["classes"]).eval()
+    flops = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal flops
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        flops += 2 * output.numel() * (module.in_channels // module.groups) * kernel
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    assert result["gflops_per_image"] == pytest.approx(flops / 1e9, rel=1e-6)
+    achieved = result["gflops_per_image"] * result["images_per_s"]
+    assert result["achieved_gflops"] == pytest.approx(achieved, rel=1e-9)
+    fraction = result["achieved_gflops"] / result["matmul_peak_gflops"]
+    assert result["peak_fraction"] == pytest.approx(fraction, rel=1e-9)
+    assert 0 < result["peak_fraction"] < 1.5
 
 
 def test_variant_matrix_compares_with_eager_fp32() -> None:

@@ -74,3 +74,25 @@ def test_a_spec_this_segcli_cannot_follow_is_refused_by_name(tmp_path, seg, chan
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and fragment in lines[0]
+
+
+def test_tta_is_the_mean_of_the_image_and_its_two_flips():
+    # Catches flips not undone before averaging, a sum instead of a mean, or --tta ignored:
+    # a conv with a random 3x3 kernel is not flip-symmetric, so every one would show.
+    from torch import nn
+
+    from segcli.device import Precision
+    from segcli.infer.inference import class_logits
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 3, padding=1).eval()
+    images = torch.randn(2, 3, 8, 10)
+    with torch.no_grad():
+        expected = (
+            model(images) + model(images.flip(3)).flip(3) + model(images.flip(2)).flip(2)
+        ) / 3
+        cpu, plain = torch.device("cpu"), Precision(None, channels_last=False)
+        got = class_logits(model, images, precision=plain, device=cpu, tta=True)
+        without = class_logits(model, images, precision=plain, device=cpu, tta=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(without, expected, atol=1e-3)

@@ -68,6 +68,18 @@ def test_soft_region_losses_hand_values():
     assert tversky.item() == pytest.approx(1 - 0.75 / (0.75 + 0.15 + 0.175), rel=1e-5)
 
 
+def test_multiclass_dice_hand_value_with_an_ignored_pixel_and_an_absent_class():
+    # Worked by hand, independent of any one-hot code: softmax probabilities set exactly by
+    # log-probability logits. Pixel 1 (class 0): p = .7/.2/.1; pixel 2 (class 1): .1/.6/.3;
+    # pixel 3 is ignored (its p = .1/.1/.8 must count nowhere). Class 0: I = .7, sum p = .8,
+    # |T| = 1 -> dice 1.4/1.8; class 1: I = .6, sum p = .8 -> 1.2/1.8; class 2 is neither in
+    # the target nor predicted -> left out. Loss = ((1 - 14/18) + (1 - 12/18)) / 2 = 5/18.
+    probabilities = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
+    logits = probabilities.log().T.reshape(1, 3, 1, 3)
+    target = torch.tensor([[[0, 1, IGNORE]]])
+    assert make("dice", 3)(logits, target).item() == pytest.approx(5 / 18, rel=1e-5)
+
+
 def test_focal_hand_value_with_alpha():
     logits, target = binary_input([0.75, 0.4], [1, 0])
     fg = 0.25 * 0.25**2 * -math.log(0.75)

@@ -154,18 +154,30 @@ def test_invalid_inputs_raise():
     assert int(cm.matrix.sum()) == 0
 
 
-def test_all_reduce_sums_the_matrix(tmp_path):
-    cm = ConfusionMatrix(2)
-    cm.update(torch.tensor([[[0, 1]]]), torch.tensor([[[0, 0]]]))
-    before = cm.matrix.clone()
-    cm.all_reduce()  # not initialised: a no-op
-    assert torch.equal(cm.matrix, before)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+def _reduce_on_rank(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
+        cm = ConfusionMatrix(3)
+        cm.update(torch.tensor([[[rank, 2, 1]]]), torch.tensor([[[0, 2, rank]]]))
         cm.all_reduce()
-        assert torch.equal(cm.matrix, before) and cm.matrix.dtype == torch.int64
+        torch.save(cm.matrix, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def test_all_reduce_sums_the_matrices_of_two_ranks(tmp_path):
+    # Catches an all_reduce that averages, keeps one rank's matrix or casts to float: each of
+    # two gloo processes must end with the sum of both ranks' counts, as one process sees them.
+    import torch.multiprocessing as mp
+
+    single = ConfusionMatrix(3)
+    single.all_reduce()  # no process group: a no-op
+    for rank in range(2):
+        single.update(torch.tensor([[[rank, 2, 1]]]), torch.tensor([[[0, 2, rank]]]))
+    mp.spawn(_reduce_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        reduced = torch.load(tmp_path / f"{rank}.pt")
+        assert reduced.dtype == torch.int64 and torch.equal(reduced, single.matrix)
 
 
 def test_uint8_targets_do_not_overflow():

@@ -1,4 +1,4 @@
-"""The UNet family: SPEC.md section 1 counts, any input size, any channel count, gradients."""
+"""The UNet family: the published parameter counts, any input size, any channel count, wiring."""
 
 import pytest
 import torch
@@ -212,3 +212,39 @@ def test_fast_decoder_keeps_odd_sizes_and_learns_through_every_block():
     assert out.shape == (2, 2, 45, 71)
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
+@pytest.mark.parametrize(
+    ("backbone", "encoder_channels"),
+    [("none", [64, 128, 256, 512, 1024]), ("resnet34", [64, 64, 128, 256, 512])],
+)
+def test_unet3p_stages_take_every_scale_as_the_paper_wires_them(backbone, encoder_channels):
+    # Catches a miswired full-scale decoder that still gives the right output shape (decoder
+    # stages fed in reverse order, an encoder level skipped, a stage fused at the wrong scale):
+    # stage X_De^L takes encoder levels 0..L at their own scales, the decoder stages below it
+    # (5 x 64 = 320 channels each) at theirs, and the deepest encoder level, and gives 320
+    # channels at level L's scale (Huang et al. 2020, Fig. 2).
+    model = build_model("unet3p", backbone, 3, 2).eval()
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.encoder(x)
+    encoder = [(f.shape[1], f.shape[2], f.shape[3]) for f in features]
+    assert [c for c, _, _ in encoder] == encoder_channels
+    inputs, outputs = {}, {}
+    for stage in model.stages:
+        stage.register_forward_pre_hook(
+            lambda module, args: inputs.__setitem__(
+                module.level, [tuple(s.shape[1:]) for s in args[0]]
+            )
+        )
+        stage.register_forward_hook(
+            lambda module, args, out: outputs.__setitem__(module.level, tuple(out.shape[1:]))
+        )
+    with torch.no_grad():
+        model(x)
+    deepest = len(encoder) - 1
+    assert sorted(inputs) == list(range(deepest))
+    for level in range(deepest):
+        below = [(320, *encoder[i][1:]) for i in range(level + 1, deepest)]
+        assert inputs[level] == [*encoder[: level + 1], *below, encoder[-1]], level
+        assert outputs[level] == (320, *encoder[level][1:]), level

@@ -194,6 +194,26 @@ def test_output_stride(backbone: str, output_stride: int, rates: tuple[int, ...]
     assert [branch[0].dilation[0] for branch in aspp.convs[1:4]] == list(rates)
 
 
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_dilated_basic_blocks_follow_torchvisions_bottleneck_rule(output_stride: int) -> None:
+    # Catches a BasicBlock encoder dilated by another rule than torchvision's (which gives a
+    # layer's first block the previous dilation and later blocks the new one): read the rule
+    # off torchvision's own dilated ResNet-50, block by block, and ask the same of ResNet-34.
+    import torchvision.models as tvm
+
+    flags = {8: [False, True, True], 16: [False, False, True]}[output_stride]
+    reference = tvm.resnet50(weights=None, replace_stride_with_dilation=flags)
+    ours = build_model("deeplabv3", "resnet34", output_stride=output_stride)
+    encoder = ours.encoder
+    for name in ("layer2", "layer3", "layer4"):
+        expected = [block.conv2.dilation[0] for block in getattr(reference, name)]
+        layer = next(module for key, module in encoder.named_modules() if key.endswith(name))
+        blocks = list(layer.children())
+        got = [(block.conv1.dilation[0], block.conv2.dilation[0]) for block in blocks]
+        # ResNet-34 has 4/6/3 blocks where ResNet-50 has 4/6/3: the same count per layer.
+        assert got == [(d, d) for d in expected], name
+
+
 def test_invalid_strides_and_options_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="--output-stride"):
         build_model("deeplabv3", "resnet18", output_stride=32)

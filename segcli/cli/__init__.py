@@ -9,7 +9,7 @@ import typer
 from typer.exceptions import TyperException
 
 from segcli import __version__
-from segcli.cli import bench, check, export, params, predict, serve, train
+from segcli.cli import bench, check, export, params, predict, runs, serve, train
 from segcli.cli import eval as eval_cli
 from segcli.errors import ReaderGone, SegError
 
@@ -29,6 +29,7 @@ app.command("check")(check.check)
 app.command("export")(export.export)
 app.command("bench")(bench.bench)
 app.command("serve")(serve.serve)
+app.command("runs")(runs.runs)
 
 
 def _version(value: bool) -> None:

@@ -223,6 +223,14 @@ def train(
         int | None, _opt("Gradient accumulation steps [{default}].", OPT, setting="accum_steps")
     ] = None,
     clip_grad: Annotated[float | None, _opt("Clip gradient norm to this.", OPT)] = None,
+    ema: Annotated[
+        float | None,
+        _opt(
+            "Validate and save an exponential moving average of the weights with this decay, "
+            "e.g. 0.999 (warmed up over the first steps) [off].",
+            OPT,
+        ),
+    ] = None,
     patience: Annotated[
         int | None,
         _opt(
@@ -274,6 +282,14 @@ def train(
     resume: Annotated[str | None, _opt("Resume from a run's last.safetensors.", OUT)] = None,
     previews: Annotated[
         int | None, _opt("Preview PNGs to write [{default}].", OUT, setting="previews")
+    ] = None,
+    tracker: Annotated[
+        str | None,
+        _opt(
+            "Also log to tensorboard (RUN/tensorboard) and/or mlflow (./mlruns or "
+            "MLFLOW_TRACKING_URI), comma-separated; needs segcli[tensorboard] / segcli[mlflow].",
+            OUT,
+        ),
     ] = None,
     config: Annotated[str | None, _opt("TOML file with any of these settings.", OUT)] = None,
     print_config: Annotated[

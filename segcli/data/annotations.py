@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from segcli.data.classes import IGNORE_INDEX
+from segcli.data.layouts import IMAGE_EXTENSIONS
 from segcli.errors import UsageError, first_line
 from segcli.files import atomic_write_bytes
 
@@ -53,8 +54,6 @@ RASTERISER_VERSION = 1
 MARKER = "complete.json"
 # Class indices 0..254; 255 is ignore.
 MAX_CLASSES = IGNORE_INDEX
-# segcli.data.io.IMAGE_EXTENSIONS, repeated here because that module imports torch.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 LABELME_IGNORE = "__ignore__"
 LABELME_BACKGROUND = "_background_"
 _NO_AREA_SHAPES = frozenset({"line", "linestrip", "point", "points"})
@@ -423,7 +422,7 @@ def _labelme_image(path: Path, data: dict[str, Any]) -> Path | None:
         candidate = path.parent / image_path.replace("\\", "/")
         if candidate.is_file():
             return candidate
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in IMAGE_EXTENSIONS:
         for variant in (suffix, suffix.upper()):
             candidate = path.with_suffix(variant)
             if candidate.is_file():

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from segcli.data.layouts import IMAGE_EXTENSIONS
 from segcli.errors import UsageError, first_line
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 # Formats torchvision decodes itself; the others go through Pillow.
 _TORCHVISION_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".gif"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

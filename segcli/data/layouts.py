@@ -33,7 +33,8 @@ from segcli.errors import UsageError
 
 FORMATS = ("voc", "cityscapes", "ade20k", "coco", "folders", "labelme", "flat")
 SPLIT_ORDER = ("train", "val", "test")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+# The image files segcli reads (decode_image, else Pillow); here, where no torch is imported.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 
 Pair = tuple[Path, Path]
 
@@ -121,7 +122,7 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return {
         path.stem: path
         for path in sorted(folder.iterdir())
-        if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES and path.name[0] != "."
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and path.name[0] != "."
     }
 
 

@@ -62,11 +62,12 @@ class PlainUNetEncoder(nn.Module):
 
 
 def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int, dilation: int) -> None:
-    """Turn a stride-2 BasicBlock layer into a dilated stride-1 one, as torchvision does for
-    Bottleneck layers (`replace_stride_with_dilation`), which BasicBlock refuses."""
+    """Turn a stride-2 BasicBlock layer into a dilated stride-1 one by torchvision's rule for
+    Bottleneck layers (`replace_stride_with_dilation`, which BasicBlock refuses): the layer's
+    first block keeps the previous dilation, every later block takes the new one."""
     for index, block in enumerate(layer):
-        first_dilation = previous_dilation if index == 0 else dilation
-        for conv, d in ((block.conv1, first_dilation), (block.conv2, dilation)):
+        block_dilation = previous_dilation if index == 0 else dilation
+        for conv, d in ((block.conv1, block_dilation), (block.conv2, block_dilation)):
             conv.stride = (1, 1)
             conv.dilation = (d, d)
             conv.padding = (d, d)

@@ -66,6 +66,7 @@ class TrainConfig:
     aux_weight: float | None = None  # None: the architecture's own weight
     accum_steps: int = 1
     clip_grad: float | None = None
+    ema: float | None = None  # decay of an exponential moving average of the weights
     # execution
     device: str = "auto"
     amp: str = "auto"
@@ -80,6 +81,7 @@ class TrainConfig:
     patience: int = 0  # epochs without val mIoU gain before stopping; 0 = never
     time_limit: float | None = None  # minutes of wall-clock; the schedule is planned to fit
     previews: int = 4
+    tracker: str | None = None  # "tensorboard", "mlflow" or both, comma-separated
 
     def validate(self) -> None:
         positive = {
@@ -106,6 +108,8 @@ class TrainConfig:
             raise UsageError(f"--crop {self.crop}: give a patch side from 16 to 16384 pixels")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise UsageError(f"--ema {self.ema}: give a decay in (0, 1), e.g. 0.999")
         if not 0 < self.val_fraction < 1:
             raise UsageError(
                 f"--val-fraction {self.val_fraction}: give a fraction in (0, 1), e.g. 0.2"
@@ -119,6 +123,9 @@ class TrainConfig:
                 f"--fold {self.fold}: give a fold from 0 to {self.folds - 1} (--folds {self.folds})"
             )
         self.ignore_value_list()
+        from segcli.train.trackers import tracker_names
+
+        tracker_names(self.tracker)
 
     def ignore_value_list(self) -> list[int]:
         """--ignore-values as integers."""

@@ -34,7 +34,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _plot_panel(
+def plot_panel(
     draw: ImageDraw.ImageDraw,
     box: tuple[int, int, int, int],
     title: str,
@@ -76,8 +76,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     train_loss = [r.get("train_loss") for r in records]
     val_loss = [r.get("val_loss") for r in records]
     miou = [r.get("val", {}).get("miou") for r in records]
-    _plot_panel(draw, (40, 30, 400, 290), "loss", {"train": train_loss, "val": val_loss})
-    _plot_panel(draw, (480, 30, 840, 290), "val mIoU", {"mIoU": miou})
+    plot_panel(draw, (40, 30, 400, 290), "loss", {"train": train_loss, "val": val_loss})
+    plot_panel(draw, (480, 30, 840, 290), "val mIoU", {"mIoU": miou})
     draw.text((40, 318), f"epochs 1..{len(records)}", fill=(0, 0, 0))
     image.save(path)
 

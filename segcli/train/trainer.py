@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import json
 import math
 import random
 import signal
@@ -49,6 +51,7 @@ from segcli.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from segcli.train.ema import build_ema
 from segcli.train.optim import load_optimizer_state
 from segcli.train.report import append_jsonl, plot_curves, read_jsonl, save_preview
 from segcli.train.state import (
@@ -57,6 +60,10 @@ from segcli.train.state import (
     save_training_state,
     state_path_for,
 )
+from segcli.train.trackers import Trackers, tracker_names
+
+# RUN/status.json: how the run's last session ended (`seg runs` reads it).
+STATUS_FILE = "status.json"
 
 
 class TrainingInterrupted(SegError):
@@ -387,6 +394,8 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if self.precision.channels_last else None
         self.model = model.to(self.device, memory_format=memory_format)
+        # --ema: the averaged copy is what validation scores and checkpoints hold.
+        self.ema = build_ema(self.model, config.ema) if config.ema else None
         self.criterion = build_criterion(config, self.data, self.data.model_classes)
 
         from segcli.data import build_loader, native_masks_collate
@@ -494,9 +503,18 @@ class Trainer:
                     f"{context.world_size} processes); use --batch-size {shard} or less"
                 )
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validated and saved: the EMA copy with --ema, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _restore(self, state: dict[str, Any]) -> None:
         weights, _ = read_checkpoint(self.config.resume)
-        self.model.load_state_dict(weights)
+        # With --ema the checkpoint holds the averaged weights and the state the raw ones.
+        self.model.load_state_dict(state.get("model", weights))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(weights)
+            self.ema.n_averaged.fill_(int(state.get("ema_updates", 0)))
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -520,7 +538,7 @@ class Trainer:
     def _segmenter(self) -> Segmenter:
         """The live model behind the one inference path, as the checkpoint will describe it."""
         return Segmenter(
-            self.model,
+            self.eval_model,
             self._info(0, {}),
             device=self.device,
             precision=self.precision,
@@ -557,7 +575,7 @@ class Trainer:
         metrics = {"val": record["val"], "val_loss": record["val_loss"]}
         info = self._info(epoch, metrics)
         info.write_id = uuid.uuid4().hex
-        save_checkpoint(self.out / "last.safetensors", self.model, info)
+        save_checkpoint(self.out / "last.safetensors", self.eval_model, info)
         state = {
             "weights_write_id": info.write_id,
             "optimizer": self.optimizer.state_dict(),
@@ -570,6 +588,9 @@ class Trainer:
             "wall_seconds": record["wall_seconds"],
             "planned_epochs": self.planned_epochs,
         }
+        if self.ema is not None:
+            state["model"] = self.model.state_dict()
+            state["ema_updates"] = int(self.ema.n_averaged)
         save_training_state(self.out / "last.state.safetensors", state)
         if best:
             # The same bytes as last.safetensors, which is only ever replaced by a rename: a
@@ -587,7 +608,7 @@ class Trainer:
             # A patch model's val image is at its scale and its mask at the image's own size:
             # the prediction is restored to the mask, and the image shown at that size.
             image, mask = self.data.val[index]
-            with inference_mode(self.model):
+            with inference_mode(self.eval_model):
                 logits = segmenter.restore(segmenter.logits(image[None]), mask.shape[-2:])
             if image.shape[-2:] != mask.shape[-2:]:
                 image = F.interpolate(
@@ -656,6 +677,8 @@ class Trainer:
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step_iteration()
+                    if self.ema is not None:
+                        self.ema.update_parameters(self.model)
                 value = loss.item()
                 total += value * len(images)
                 images_seen += len(images)
@@ -724,6 +747,40 @@ class Trainer:
                 f"{self.precision.name}{' channels_last' if self.precision.channels_last else ''}; "
                 f"loss {self.criterion.describe()}; run folder {self.out}"
             )
+            self._write_status("running")
+            self.trackers = Trackers(
+                tracker_names(config.tracker),
+                self.out,
+                config.to_dict(),
+                config.to_toml(),
+                self.reporter.log,
+            )
+        summary, status = None, "failed"
+        try:
+            stopped_early = self._epochs()
+            if context.is_main:
+                self._save_previews()
+                summary = self._summary(stopped_early)
+            status = "finished"
+            return summary
+        except TrainingInterrupted:
+            status = "interrupted"
+            raise
+        finally:
+            if context.is_main:
+                self._write_status(status)
+                self.trackers.finish(self.out, summary, status)
+
+    def _write_status(self, status: str) -> None:
+        """RUN/status.json: running, finished, interrupted or failed, for `seg runs`."""
+        from segcli.files import atomic_write_bytes
+
+        record = {"status": status, "time": datetime.datetime.now(datetime.UTC).isoformat()}
+        atomic_write_bytes(self.out / STATUS_FILE, json.dumps(record).encode())
+
+    def _epochs(self) -> bool:
+        """The epoch loop; returns whether early stopping ended it."""
+        config, context = self.config, self.context
         scored = max(self.data.model_classes, 2)
         stopped_early = False
         session_start = time.perf_counter()
@@ -736,7 +793,8 @@ class Trainer:
                     if context.enabled:
                         # Ranks end the epoch with their own BatchNorm statistics; score and save
                         # rank 0's model everywhere.
-                        for buffer in self.model.buffers():
+                        averaged = [] if self.ema is None else list(self.ema.module.buffers())
+                        for buffer in [*self.model.buffers(), *averaged]:
                             torch.distributed.broadcast(buffer, src=0)
                     result = evaluate(
                         self._segmenter(),
@@ -769,6 +827,7 @@ class Trainer:
                     if context.is_main:
                         self._save(epoch + 1, record, improved)
                         self.reporter.epoch_end(record, improved)
+                        self.trackers.log_epoch(record, self.data.mapping.names)
                     if config.patience and self.bad_epochs >= config.patience:
                         stopped_early = True
                         self.reporter.log(
@@ -777,10 +836,7 @@ class Trainer:
                         break
             finally:
                 self.reporter.close()
-        if not context.is_main:
-            return None
-        self._save_previews()
-        return self._summary(stopped_early)
+        return stopped_early
 
     def _plan_to_time_limit(self, done: int, wall_seconds: float, session_start: float) -> None:
         """Plan as many epochs as fit in `--time-limit` at this session's mean epoch cost
