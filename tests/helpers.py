@@ -11,11 +11,12 @@ from segcli.data import check_dataset, mock_root
 from segcli.models import build_model
 
 
-def write_mock_checkpoint(path: Path) -> None:
+def write_mock_checkpoint(path: Path, seed: int = 0) -> Path:
     """What the main job leaves in runs/unet-resnet18, with untrained seeded weights: a
-    UNet-ResNet18 for the mock dataset's 3 classes, input size 64 x 64."""
+    UNet-ResNet18 for the mock dataset's 3 classes, input size 64 x 64. Seeds give different
+    weights (ensemble members)."""
     mapping = check_dataset(mock_root()).mapping
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("unet", "resnet18", 3, mapping.num_classes).eval()
     info = CheckpointInfo(
         model=model_build_config(model),
@@ -23,6 +24,8 @@ def write_mock_checkpoint(path: Path) -> None:
         input_size=(64, 64),
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
+        ignore_index=mapping.ignore_index,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model, info)
+    return path

@@ -14,39 +14,18 @@ import torch
 from PIL import Image
 
 from segcli.checkpoint import (
-    CheckpointInfo,
     load_model,
-    model_build_config,
     read_checkpoint,
     save_checkpoint,
 )
-from segcli.data import check_dataset, mock_root, read_image
+from segcli.data import read_image
 from segcli.errors import UsageError
 from segcli.infer.ensemble import Ensemble, expand_models, split_models
 from segcli.infer.segmenter import Segmenter
-from segcli.models import build_model
+from tests.helpers import write_mock_checkpoint
 
 # --amp off: the CLI's `auto` may pick bf16 on this CPU, and the references are fp32.
 RUN = ["--device", "cpu", "--amp", "off", "--workers", "0"]
-
-
-def write_checkpoint(path: Path, seed: int) -> Path:
-    """An untrained UNet-ResNet18 for the mock dataset's classes at 64 x 64; seeds give
-    members different weights."""
-    mapping = check_dataset(mock_root()).mapping
-    torch.manual_seed(seed)
-    model = build_model("unet", "resnet18", 3, mapping.num_classes).eval()
-    info = CheckpointInfo(
-        model=model_build_config(model),
-        classes=mapping.to_dict(),
-        input_size=(64, 64),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        ignore_index=mapping.ignore_index,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, model, info)
-    return path
 
 
 def variant(source: Path, path: Path, **changes: object) -> Path:
@@ -66,7 +45,7 @@ def link(source: Path, target: Path) -> Path:
 @pytest.fixture(scope="module")
 def members(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("members")
-    return write_checkpoint(folder / "a.safetensors", 0), write_checkpoint(
+    return write_mock_checkpoint(folder / "a.safetensors", 0), write_mock_checkpoint(
         folder / "b.safetensors", 1
     )
 
