@@ -51,8 +51,9 @@ def runs(
             raise UsageError(
                 f"seg runs takes one folder, got {len(arguments)}; did you mean seg runs compare?"
             )
-        records = list_runs(Path(arguments[0] if arguments else "runs"))
-        _table(records, json_output)
+        root = Path(arguments[0] if arguments else "runs")
+        records = list_runs(root)
+        _table(records, root, json_output)
     problems = [problem for record in records for problem in record.problems]
     for problem in problems:
         print(f"seg: error: {problem}", file=sys.stderr)
@@ -65,10 +66,20 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _minutes(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
-def _table(records: list, json_output: bool) -> None:
+def _under(path: Path, root: Path) -> str:
+    """A run's folder as shown: relative to the folder listed ("." for that folder itself)."""
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def _table(records: list, root: Path, json_output: bool) -> None:
     rows = [record.to_dict() for record in records]
     if json_output:
         print(json.dumps(rows, indent=2))
@@ -76,31 +87,31 @@ def _table(records: list, json_output: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="runs, best val mIoU first")
-    numbers = ("epochs", "best mIoU", "at", "wall")
-    for column in ("run", "arch", "backbone", "data", *numbers, "status"):
-        # Long paths wrap; the short columns (status above all) are never cut to "interr…".
-        wraps = column in ("run", "data")
+    table = Table(title=f"runs under {root}, best val mIoU first (at: its epoch)")
+    names = [_under(Path(row["run"]), root) for row in rows]
+    numbers = ("epochs", "mIoU", "at", "wall")
+    for column in ("run", "model", "data", *numbers, "status"):
+        # Names wrap when the terminal is narrow; numbers and the status are never cut.
         table.add_column(
             column,
             justify="right" if column in numbers else "left",
-            overflow="fold" if wraps else "ellipsis",
-            no_wrap=not wraps,
-            min_width=11 if column == "status" else None,
+            overflow="fold",
+            no_wrap=column in (*numbers, "status"),
+            min_width=min(max(map(len, names)), 12) if column == "run" else None,
         )
-    for row in rows:
+    for name, row in zip(names, rows, strict=True):
         table.add_row(
-            row["run"],
-            str(row["arch"]),
-            str(row["backbone"]),
-            str(row["data"]),
+            name,
+            f"{row['arch']}/{row['backbone']}",
+            Path(str(row["data"])).name,
             f"{row['epochs_done']}/{row['epochs_planned']}",
             _fmt(row["best_miou"]),
             str(row["best_epoch"] or "-"),
             _minutes(row["wall_seconds"]),
             row["status"],
         )
-    Console().print(table)
+    # Piped output has no terminal width: give the table room instead of rich's 80 columns.
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
 def _compare(records: list, plot: Path, json_output: bool) -> None:
