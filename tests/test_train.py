@@ -569,3 +569,73 @@ def test_ddp_nan_on_one_rank_stops_every_rank_and_keeps_the_checkpoint(tmp_path)
     _, info = read_checkpoint(out / "last.safetensors")
     assert info.epoch == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_patience_stops_when_val_miou_stops_improving(tmp_path):
+    # Catches --patience ignored (all 5 epochs run) or counted from the wrong epoch: with a
+    # learning rate too small to change any prediction, epoch 1 sets the best and epoch 2 is
+    # the one epoch without a gain that patience 1 allows.
+    summary = Trainer(fast_config(tmp_path, epochs=5, lr=1e-12, patience=1)).run()
+    assert summary["stopped_early"] and summary["epochs_run"] == 2
+    assert summary["best_epoch"] == 1
+
+
+def test_clip_grad_bounds_the_update(tmp_path):
+    # Catches --clip-grad accepted but not applied: plain SGD (no momentum, no weight decay)
+    # moves each weight by lr x its gradient, so a 1e-9 norm bound leaves the weights within
+    # lr x 1e-9 per step of where they started, while the unclipped run moves them.
+    common = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "lr": 0.1}
+    common |= {"scheduler": "none", "deterministic": True}
+    Trainer(fast_config(tmp_path / "free", **common)).run()
+    Trainer(fast_config(tmp_path / "clipped", clip_grad=1e-9, **common)).run()
+    from segcli.models import build_model
+
+    def moved(run: str) -> float:
+        weights = load_file(str(tmp_path / run / "run/last.safetensors"))
+        torch.manual_seed(0)
+        initial = build_model("unet", "resnet18", 3, 3).state_dict()
+        key = (
+            "head.conv.weight"
+            if "head.conv.weight" in weights
+            else next(k for k in weights if k.startswith("head") and k.endswith("weight"))
+        )
+        return float((weights[key] - initial[key].reshape(weights[key].shape)).abs().max())
+
+    assert moved("clipped") < 1e-8 < moved("free")
+
+
+def test_binary_masks_train_a_one_logit_model(tmp_path, seg):
+    # Catches the binary path broken inside the Trainer (two logits, a softmax loss, or
+    # 0/255 masks read as 256 classes): masks of 0 and 255 train a one-logit sigmoid model
+    # scored as two classes, and eval reads it back the same way.
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 3)):
+        for index in range(count):
+            mask = np.zeros((40, 40), np.uint8)
+            mask[10:30, 5 + index : 25 + index] = 255
+            pixels = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8) + (mask[..., None] // 2)
+            for kind, array in (("images", pixels), ("masks", mask)):
+                (tmp_path / "data" / split / kind).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(tmp_path / "data" / split / kind / f"{index}.png")
+    summary = Trainer(
+        fast_config(tmp_path, data=str(tmp_path / "data"), epochs=2, batch_size=4)
+    ).run()
+    _, info = load_model(tmp_path / "run" / "best.safetensors")
+    assert info.model["classes"] == 1 and info.binary
+    assert (
+        summary["class_names"] == ["background", "foreground"] and len(summary["val"]["iou"]) == 2
+    )
+    scored = seg(
+        "eval",
+        str(tmp_path / "run/best.safetensors"),
+        "--data",
+        str(tmp_path / "data"),
+        "--workers",
+        "0",
+        "--json",
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["miou"] == pytest.approx(summary["val"]["miou"], abs=1e-9)
