@@ -639,3 +639,24 @@ def test_binary_masks_train_a_one_logit_model(tmp_path, seg):
     )
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["miou"] == pytest.approx(summary["val"]["miou"], abs=1e-9)
+
+
+def test_class_weights_auto_uses_the_training_masks_median_frequencies(tmp_path):
+    # Catches --class-weights auto computed from the wrong split, from resized masks, or not
+    # reaching the loss: the weighted CE's weights must be median(freq) / freq of the pixels
+    # of the training masks on disk, counted here with numpy.
+    import numpy as np
+    from PIL import Image
+
+    from segcli.data import mock_root
+
+    trainer = Trainer(fast_config(tmp_path, loss="wce", class_weights="auto"))
+    trainer.run()
+    counts = np.zeros(3)
+    for path in sorted((mock_root() / "train" / "masks").iterdir()):
+        values = np.asarray(Image.open(path)).ravel()
+        counts += np.bincount(values[values != 255], minlength=3)[:3]
+    frequencies = counts / counts.sum()
+    expected = np.median(frequencies) / frequencies
+    (term,) = trainer.criterion.terms
+    assert term.weights.tolist() == pytest.approx(expected.tolist(), rel=1e-6)  # float32
