@@ -21,16 +21,15 @@ from segcli.data.classes import (
     read_class_table,
 )
 from segcli.data.io import (
-    is_image_file,
     read_header,
     read_image,
     read_mask,
     read_palette,
     to_channels,
 )
-from segcli.data.layouts import Layout
+from segcli.data.layouts import read_layout
 from segcli.data.transforms import AugmentConfig, build_transforms, default_normalization
-from segcli.errors import UsageError, choose
+from segcli.errors import UsageError
 
 # Without a class table, index masks may hold at most this many classes; a larger value almost
 # always means gray-level or anti-aliased masks rather than class indices.
@@ -74,96 +73,6 @@ class DatasetInfo:
         return self.splits[split]
 
 
-def _listing(folder: Path) -> list[Path]:
-    # Hidden files (.DS_Store, ._foo from macOS archives) are never data.
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def pair_folders(images_dir: Path, masks_dir: Path) -> tuple[list[Pair], list[str]]:
-    """Pair `images_dir/*` with `masks_dir/*` by stem. Returns the pairs and one problem line per
-    unpaired, duplicated or non-image file."""
-    if not masks_dir.is_dir():
-        return [], [f"{masks_dir}: missing; put the masks of {images_dir} there"]
-    problems: list[str] = []
-    by_stem: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
-    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
-        for path in _listing(folder):
-            name = str(path)
-            if not is_image_file(path):
-                problems.append(
-                    f"{name}: not an image file (supported: png, jpg, jpeg, bmp, tif, tiff, gif); "
-                    "remove it from the dataset folder"
-                )
-            elif path.stem in by_stem[kind]:
-                other = by_stem[kind][path.stem].name
-                problems.append(f"{name}: same stem as {other}; keep one {kind} per stem")
-            else:
-                by_stem[kind][path.stem] = path
-    images, masks = by_stem["image"], by_stem["mask"]
-    for stem, path in images.items():
-        if stem not in masks:
-            problems.append(
-                f"{path}: image without a mask (expected {masks_dir / stem}.png or another "
-                "format); add the mask or remove the image"
-            )
-    for stem, path in masks.items():
-        if stem not in images:
-            problems.append(
-                f"{path}: mask without an image (expected {images_dir / stem}.*); add the "
-                "image or remove the mask"
-            )
-    if not images and not masks and not problems:
-        problems.append(f"{images_dir}: empty; add images and masks or remove the folder")
-    pairs = [(images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
-    return pairs, problems
-
-
-def read_layout(
-    root: Path,
-    data_format: str | None,
-    cache: Path | None = None,
-    class_names: Sequence[str] | None = None,
-) -> Layout:
-    """The dataset's files in its layout (`data_format`, else detected): pairs per split, the
-    classes the format defines and its ignore conventions. Annotation formats (COCO, LabelMe)
-    are rasterised into `cache` (default: the user cache) with `class_names` when given (a
-    checkpoint's classes) so class indices match."""
-    from segcli.data import layouts
-
-    if data_format is not None:
-        choose("--format", data_format, ("auto", *layouts.FORMATS))
-    if data_format in (None, "auto"):
-        data_format = layouts.detect_format(root)
-    if data_format is None:
-        raise UsageError(
-            f"{root}: no dataset layout found; expected train/images + train/masks (and val/), "
-            "images/ + masks/, or a VOC, Cityscapes, ADE20K, COCO or LabelMe folder"
-        )
-    if cache is None:
-        from segcli.device import cache_dir
-
-        cache = cache_dir() / "masks"
-    if data_format == "folders":
-        splits, problems = {}, []
-        for split in layouts.folder_splits(root):
-            splits[split], split_problems = pair_folders(
-                root / split / "images", root / split / "masks"
-            )
-            problems.extend(split_problems)
-        return layouts.Layout("folders", splits, problems)
-    if data_format == "flat":
-        pairs, problems = pair_folders(root / "images", root / "masks")
-        return layouts.Layout("flat", {"train": pairs}, problems)
-    readers = {
-        "voc": lambda: layouts.read_voc(root),
-        "cityscapes": lambda: layouts.read_cityscapes(root),
-        "ade20k": lambda: layouts.read_ade20k(root),
-        "coco": lambda: layouts.read_coco(root, cache, class_names),
-        "labelme": lambda: layouts.read_labelme(root, cache, class_names),
-    }
-    return readers[data_format]()
-
-
 def _table_mapping(
     table: ClassTable, modes: set[str], first_mask: Path, ignored: list[int], reduce: bool
 ) -> ClassMapping:
@@ -179,7 +88,6 @@ def _table_mapping(
     values = table.values
     if reduce:
         values = values or list(range(1, len(table.names) + 1))
-        ignored = sorted({0, *ignored})
     return ClassMapping(
         kind,
         table.names,
@@ -247,8 +155,6 @@ def _infer_mapping(
         if table_values != {0, 255}:
             return _table_mapping(table, modes, first_mask, ignored, reduce)
     seen = _unique_values(pairs, problems)
-    if reduce:
-        ignored = sorted({0, *ignored})
     values = set(seen) - set(ignored)
     if problems:
         return None
@@ -341,7 +247,10 @@ def scan_dataset(
         else:
             table, table_path = layout.table, None
         reduce = layout.reduce_zero_label if reduce_zero_label is None else reduce_zero_label
-        ignored = sorted({*ignore_values, *(table.ignore_values if table else [])})
+        # Reduce-zero-label reads raw 0 ("other") as ignore, whichever way the mapping is made.
+        ignored = sorted(
+            {*ignore_values, *(table.ignore_values if table else []), *([0] if reduce else [])}
+        )
         all_pairs = [pair for pairs in found.values() for pair in pairs]
         modes: set[str] = set()
         for _, mask_path in all_pairs:

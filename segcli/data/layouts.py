@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segcli.data.classes import ClassTable, default_palette
-from segcli.errors import UsageError
+from segcli.errors import UsageError, choose
 
 FORMATS = ("voc", "cityscapes", "ade20k", "coco", "folders", "labelme", "flat")
 SPLIT_ORDER = ("train", "val", "test")
@@ -118,12 +118,48 @@ def ordered(splits: dict[str, list[Pair]]) -> dict[str, list[Pair]]:
     return {name: splits[name] for name in sorted(splits, key=rank)}
 
 
-def _images_by_stem(folder: Path) -> dict[str, Path]:
-    return {
-        path.stem: path
-        for path in sorted(folder.iterdir())
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and path.name[0] != "."
-    }
+def _listing(folder: Path) -> list[Path]:
+    # Hidden files (.DS_Store, ._foo from macOS archives) are never data.
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def pair_folders(images_dir: Path, masks_dir: Path) -> tuple[list[Pair], list[str]]:
+    """Pair `images_dir/*` with `masks_dir/*` by stem. Returns the pairs and one problem line per
+    unpaired, duplicated or non-image file."""
+    if not masks_dir.is_dir():
+        return [], [f"{masks_dir}: missing; put the masks of {images_dir} there"]
+    problems: list[str] = []
+    by_stem: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
+    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
+        for path in _listing(folder):
+            name = str(path)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                problems.append(
+                    f"{name}: not an image file (supported: png, jpg, jpeg, bmp, tif, tiff, gif); "
+                    "remove it from the dataset folder"
+                )
+            elif path.stem in by_stem[kind]:
+                other = by_stem[kind][path.stem].name
+                problems.append(f"{name}: same stem as {other}; keep one {kind} per stem")
+            else:
+                by_stem[kind][path.stem] = path
+    images, masks = by_stem["image"], by_stem["mask"]
+    for stem, path in images.items():
+        if stem not in masks:
+            problems.append(
+                f"{path}: image without a mask (expected {masks_dir / stem}.png or another "
+                "format); add the mask or remove the image"
+            )
+    for stem, path in masks.items():
+        if stem not in images:
+            problems.append(
+                f"{path}: mask without an image (expected {images_dir / stem}.*); add the "
+                "image or remove the mask"
+            )
+    if not images and not masks and not problems:
+        problems.append(f"{images_dir}: empty; add images and masks or remove the folder")
+    pairs = [(images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
+    return pairs, problems
 
 
 # -- Pascal VOC -------------------------------------------------------------------------------
@@ -227,16 +263,9 @@ def read_ade20k(root: Path) -> Layout:
     splits: dict[str, list[Pair]] = {}
     problems: list[str] = []
     for split_dir in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
-        masks_dir = root / "annotations" / split_dir.name
-        if not masks_dir.is_dir():
-            problems.append(f"{masks_dir}: missing; put the masks of {split_dir} there")
-            continue
-        images, masks = _images_by_stem(split_dir), _images_by_stem(masks_dir)
-        for stem in sorted(images.keys() - masks.keys()):
-            problems.append(f"{images[stem]}: image without a mask in {masks_dir}")
-        splits[split_name(split_dir.name)] = [
-            (images[stem], masks[stem]) for stem in sorted(images) if stem in masks
-        ]
+        pairs, split_problems = pair_folders(split_dir, root / "annotations" / split_dir.name)
+        splits[split_name(split_dir.name)] = pairs
+        problems.extend(split_problems)
     names = _ade_names(root)
     table = None
     if names:
@@ -333,6 +362,22 @@ def folder_splits(root: Path) -> list[str]:
     return list(ordered(found))
 
 
+def read_folders(root: Path) -> Layout:
+    splits: dict[str, list[Pair]] = {}
+    problems: list[str] = []
+    for split in folder_splits(root):
+        splits[split], split_problems = pair_folders(
+            root / split / "images", root / split / "masks"
+        )
+        problems.extend(split_problems)
+    return Layout("folders", splits, problems)
+
+
+def read_flat(root: Path) -> Layout:
+    pairs, problems = pair_folders(root / "images", root / "masks")
+    return Layout("flat", {"train": pairs}, problems)
+
+
 def _is_flat(root: Path) -> bool:
     return (root / "images").is_dir() and (root / "masks").is_dir()
 
@@ -355,3 +400,38 @@ def detect_format(root: Path) -> str | None:
         if detector(root):
             return name
     return None
+
+
+def read_layout(
+    root: Path,
+    data_format: str | None,
+    cache: Path | None = None,
+    class_names: Sequence[str] | None = None,
+) -> Layout:
+    """The dataset's files in its layout (`data_format`, else detected): pairs per split, the
+    classes the format defines and its ignore conventions. Annotation formats (COCO, LabelMe)
+    are rasterised into `cache` (default: the user cache) with `class_names` when given (a
+    checkpoint's classes) so class indices match."""
+    if data_format is not None:
+        choose("--format", data_format, ("auto", *FORMATS))
+    if data_format in (None, "auto"):
+        data_format = detect_format(root)
+    if data_format is None:
+        raise UsageError(
+            f"{root}: no dataset layout found; expected train/images + train/masks (and val/), "
+            "images/ + masks/, or a VOC, Cityscapes, ADE20K, COCO or LabelMe folder"
+        )
+    if cache is None:
+        from segcli.device import cache_dir
+
+        cache = cache_dir() / "masks"
+    readers = {
+        "folders": lambda: read_folders(root),
+        "flat": lambda: read_flat(root),
+        "voc": lambda: read_voc(root),
+        "cityscapes": lambda: read_cityscapes(root),
+        "ade20k": lambda: read_ade20k(root),
+        "coco": lambda: read_coco(root, cache, class_names),
+        "labelme": lambda: read_labelme(root, cache, class_names),
+    }
+    return readers[data_format]()

@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segcli.data.dataset import DatasetInfo, Pair
 from segcli.errors import UsageError
+
+if TYPE_CHECKING:  # the flag checks below run before training imports torch
+    from segcli.data.dataset import DatasetInfo
+
+Pair = tuple[Path, Path]
 
 SPLIT_FILE = "split.json"
 
@@ -67,41 +71,52 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+def check_val_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise UsageError(f"--val-fraction {fraction}: give a fraction in (0, 1), e.g. 0.2")
+
+
+def check_folds(folds: int | None, fold: int | None) -> None:
+    """Refuse a fold count or fold number no split can have (`fold` None: every fold)."""
+    if folds is not None and folds < 2:
+        raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if fold is not None and folds is None:
+        raise UsageError(f"--fold {fold} needs --folds K (the number of folds)")
+    if fold is not None and folds is not None and not 0 <= fold < folds:
+        raise UsageError(f"--fold {fold}: give a fold from 0 to {folds - 1} (--folds {folds})")
+
+
+def _apart(pairs: list[Pair], chosen: set[int]) -> tuple[list[Pair], list[Pair]]:
+    """(the pairs not chosen, the chosen ones), each in the original order."""
+    train = [pair for index, pair in enumerate(pairs) if index not in chosen]
+    val = [pair for index, pair in enumerate(pairs) if index in chosen]
+    return train, val
+
+
 def holdout(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """(train, val): `fraction` of `pairs` (at least one) drawn by `seed`, each part in the
     original order."""
-    if not 0 < fraction < 1:
-        raise UsageError(f"--val-fraction {fraction}: give a fraction in (0, 1), e.g. 0.2")
+    check_val_fraction(fraction)
     if len(pairs) < 2:
         raise UsageError(
             f"--val-fraction: the train split has {len(pairs)} image(s); holding out a val "
             "split needs at least 2 (add images or a val/ split)"
         )
     count = min(max(1, round(len(pairs) * fraction)), len(pairs) - 1)
-    chosen = set(np.random.default_rng(seed).permutation(len(pairs))[:count].tolist())
-    train = [pair for index, pair in enumerate(pairs) if index not in chosen]
-    val = [pair for index, pair in enumerate(pairs) if index in chosen]
-    return train, val
+    return _apart(pairs, set(np.random.default_rng(seed).permutation(len(pairs))[:count].tolist()))
 
 
 def kfold(pairs: list[Pair], folds: int, fold: int, seed: int) -> tuple[list[Pair], list[Pair]]:
     """(train, val) of fold `fold`: the pairs are shuffled once by `seed` and cut into `folds`
     parts of sizes differing by at most one; part `fold` validates."""
-    if folds < 2:
-        raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds")
-    if not 0 <= fold < folds:
-        raise UsageError(f"--fold {fold}: give a fold from 0 to {folds - 1} (--folds {folds})")
+    check_folds(folds, fold)
     if len(pairs) < folds:
         raise UsageError(
             f"--folds {folds}: the pooled train and val splits hold {len(pairs)} images, fewer "
             "than the folds; lower --folds"
         )
     order = np.random.default_rng(seed).permutation(len(pairs))
-    parts = np.array_split(order, folds)
-    chosen = set(parts[fold].tolist())
-    train = [pair for index, pair in enumerate(pairs) if index not in chosen]
-    val = [pair for index, pair in enumerate(pairs) if index in chosen]
-    return train, val
+    return _apart(pairs, set(np.array_split(order, folds)[fold].tolist()))
 
 
 def plan_split(
@@ -114,10 +129,10 @@ def plan_split(
 ) -> SplitPlan:
     """The split a run trains with: fold `fold` of `folds` over train and val pooled; else the
     dataset's train and val; else `val_fraction` of train held out."""
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction {val_fraction}: give a fraction in (0, 1), e.g. 0.2")
+    check_val_fraction(val_fraction)
+    check_folds(folds, fold)
     train = info.pairs("train")
-    if (folds is None) != (fold is None):
+    if folds is not None and fold is None:
         raise UsageError("--fold I and --folds K go together (--folds K alone trains every fold)")
     if folds is not None and fold is not None:
         pooled = sorted([*train, *info.splits.get("val", [])], key=lambda pair: str(pair[0]))

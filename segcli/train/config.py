@@ -110,18 +110,10 @@ class TrainConfig:
             raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise UsageError(f"--ema {self.ema}: give a decay in (0, 1), e.g. 0.999")
-        if not 0 < self.val_fraction < 1:
-            raise UsageError(
-                f"--val-fraction {self.val_fraction}: give a fraction in (0, 1), e.g. 0.2"
-            )
-        if self.folds is not None and self.folds < 2:
-            raise UsageError(f"--folds {self.folds}: cross-validation needs at least 2 folds")
-        if self.fold is not None and self.folds is None:
-            raise UsageError(f"--fold {self.fold} needs --folds K (the number of folds)")
-        if self.fold is not None and self.folds is not None and not 0 <= self.fold < self.folds:
-            raise UsageError(
-                f"--fold {self.fold}: give a fold from 0 to {self.folds - 1} (--folds {self.folds})"
-            )
+        from segcli.data.splits import check_folds, check_val_fraction
+
+        check_val_fraction(self.val_fraction)
+        check_folds(self.folds, self.fold)
         self.ignore_value_list()
         from segcli.train.trackers import tracker_names
 

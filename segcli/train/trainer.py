@@ -40,7 +40,7 @@ from segcli.device import (
     to_device,
 )
 from segcli.errors import RuntimeFailure, SegError, UsageError
-from segcli.files import atomic_link
+from segcli.files import atomic_link, atomic_write_bytes
 from segcli.infer.evaluate import evaluate
 from segcli.infer.segmenter import Segmenter
 from segcli.infer.spec import InferenceSpec
@@ -88,7 +88,6 @@ class RunData:
     patch_scale: float | None = None
     split: Any = None  # the SplitPlan: which images train and which validate
     root: Path | None = None
-    format: str = "folders"
 
     @property
     def model_classes(self) -> int:
@@ -171,12 +170,10 @@ def load_data(config: TrainConfig, out: Path, mapping: Any = None) -> RunData:
     info = dataclasses.replace(report.info, splits={"train": split.train, "val": split.val})
     # Class pixels of the split as trained: the dataset's train split, or every split pooled
     # when train was re-cut (hold-out or folds), which is within a fold of the same figure.
-    chosen = report.splits["train"] if split.kind == "dataset" else None
-    pixels = (
-        chosen.class_pixels
-        if chosen
-        else np.sum([stats.class_pixels for stats in report.splits.values()], axis=0).tolist()
-    )
+    if split.kind == "dataset":
+        pixels = report.splits["train"].class_pixels
+    else:
+        pixels = np.sum([stats.class_pixels for stats in report.splits.values()], axis=0).tolist()
     patches = config.crop is not None
     size = (config.crop, config.crop) if patches else parse_size(config.size)
     if patches:
@@ -208,7 +205,6 @@ def load_data(config: TrainConfig, out: Path, mapping: Any = None) -> RunData:
         patch_scale=scale,
         split=split,
         root=report.root,
-        format=report.info.format,
     )
 
 
@@ -773,8 +769,6 @@ class Trainer:
 
     def _write_status(self, status: str) -> None:
         """RUN/status.json: running, finished, interrupted or failed, for `seg runs`."""
-        from segcli.files import atomic_write_bytes
-
         record = {"status": status, "time": datetime.datetime.now(datetime.UTC).isoformat()}
         atomic_write_bytes(self.out / STATUS_FILE, json.dumps(record).encode())
 
