@@ -242,20 +242,20 @@ def compare_matrix(
 
 
 def _check_variant(variant: Variant, mode: str, device: torch.device) -> None:
-    choose("--dtype", variant.dtype, DTYPES)
+    choose("`dtype`", variant.dtype, DTYPES)
     if variant.onnx:
         from segcli.export import onnx_available, onnxruntime_available
 
         if mode == "train" or device.type != "cpu":
             raise UsageError(
-                "--onnx benchmarks inference on CPU (--mode infer or end-to-end, --device cpu)"
+                "`onnx` benchmarks inference on CPU (`mode` infer or end-to-end, `device` cpu)"
             )
         if variant.dtype != "fp32" or variant.compile or variant.channels_last:
             raise UsageError(
-                "--onnx runs the fp32 ONNX graph; drop --dtype/--compile/--channels-last"
+                "`onnx` runs the fp32 ONNX graph; drop `dtype`/`compile`/`channels_last`"
             )
         if not (onnx_available() and onnxruntime_available()):
-            raise UsageError("--onnx needs onnx and onnxruntime: pip install 'segcli[onnx]'")
+            raise UsageError("`onnx` needs onnx and onnxruntime: pip install 'segcli[onnx]'")
 
 
 def bench_info(model: nn.Module, spec: BenchSpec) -> CheckpointInfo:
@@ -445,8 +445,8 @@ def run_bench(
     from segcli.device import resolve_device
 
     if spec.iters < 1 or spec.warmup < 0 or spec.batch_size < 1:
-        raise UsageError("--iters and --batch-size must be at least 1, --warmup at least 0")
-    choose("--mode", spec.mode, MODES)
+        raise UsageError("`iters` and `batch_size` must be at least 1, `warmup` at least 0")
+    choose("`mode`", spec.mode, MODES)
     device = resolve_device(spec.device)
     for variant in variants:
         _check_variant(variant, spec.mode, device)
@@ -456,7 +456,7 @@ def run_bench(
     if spec.mode == "train" and spec.batch_size < smallest:
         log(
             f"bench: {spec.arch} trains on batches of at least {smallest} (BatchNorm after "
-            f"global pooling); timing --batch-size {smallest}"
+            f"global pooling); timing `batch_size` {smallest}"
         )
         spec = replace(spec, batch_size=smallest)
     generator = torch.Generator().manual_seed(spec.seed)

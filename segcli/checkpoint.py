@@ -150,7 +150,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     except Exception as error:
         raise UsageError(
             f"{path}: not a safetensors checkpoint ({type(error).__name__}); pass a .safetensors "
-            "file written by `seg train`"
+            "file written by 'seg train'"
         ) from None
     if METADATA_KEY not in metadata:
         raise UsageError(

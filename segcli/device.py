@@ -19,7 +19,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 def _device_named(name: str) -> torch.device:
-    choose("--device", name.split(":")[0], DEVICES)
+    choose("`device`", name.split(":")[0], DEVICES)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -27,9 +27,9 @@ def _device_named(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+        raise UsageError("`device` cuda: no CUDA device is available; use `device` cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available; use --device cpu")
+        raise UsageError("`device` mps: MPS is not available; use `device` cpu")
     return torch.device(name)
 
 
@@ -200,7 +200,7 @@ def resolve_precision(
     on for every CPU precision, on CUDA with autocast, and off on MPS: oneDNN's NHWC kernels
     trained a ResUNet18 in fp32 1.8x faster than NCHW on an AVX512-BF16 EPYC (torch 2.14), and
     ran DeepLabv3-ResNet50 inference in fp32 1.2x faster on an AVX2-only one."""
-    choose("--amp", amp, AMP_MODES)
+    choose("`amp`", amp, AMP_MODES)
     if amp == "auto":
         if device.type == "cuda":
             amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -209,7 +209,7 @@ def resolve_precision(
         else:
             amp = "off"
     if amp == "fp16" and device.type == "cpu":
-        raise UsageError("--amp fp16 is for CUDA/MPS; on CPU use --amp bf16 or off")
+        raise UsageError("`amp` fp16 is for CUDA/MPS; on CPU use `amp` bf16 or off")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     if channels_last is None:
         channels_last = device.type == "cpu" or (device.type == "cuda" and dtype is not None)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+# The core names a setting as its Python name in backticks (`val_fraction`), the keyword a
+# library caller passed; the CLI shows the same message with the flag (--val-fraction).
+_SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+
 
 class SegError(Exception):
     """A failure the user can act on. `exit_code`: 1 for a failure at run time, 2 for bad
@@ -41,3 +47,9 @@ def first_line(error: BaseException) -> str:
     error is quoted inside one of segcli's one-line messages."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def as_flags(message: str) -> str:
+    """A core message in the command line's words: each setting it names in backticks, such as
+    `val_fraction`, becomes its flag, --val-fraction."""
+    return _SETTING.sub(lambda match: "--" + match.group(1).replace("_", "-"), message)

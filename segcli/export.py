@@ -246,10 +246,10 @@ def load_exported(path: str, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]
     if fmt == "onnx":
         import onnxruntime
 
-        from segcli.infer.onnx_model import OnnxSegModel
+        from segcli.infer.onnx_model import onnxruntime_model
 
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return OnnxSegModel(session)
+        return onnxruntime_model(session)
     if fmt == "torchscript":
         return torch.jit.load(path)
     return torch.export.load(path).module()
@@ -352,24 +352,24 @@ def export_model(
     `check=None` checks whenever the runtime is there (onnxruntime for ONNX; always for the
     torch formats); `check_with` is an image file for the decoded-image part of the check
     (default: `check_image`)."""
-    choose("--format", fmt, FORMATS)
+    choose("`format`", fmt, FORMATS)
     if dynamic is None:
         dynamic = fmt != "torchscript"
     if dynamic and fmt == "torchscript":
         raise UsageError(
-            "--format torchscript is traced at one input shape (--static); for free batch, "
-            "height and width use --format onnx or exported-program"
+            "`format` torchscript is traced at one input shape (`static`); for free batch, "
+            "height and width use `format` onnx or exported-program"
         )
     if fmt == "onnx" and not onnx_available():
-        raise UsageError("--format onnx needs the onnx package: pip install 'segcli[onnx]'")
+        raise UsageError("`format` onnx needs the onnx package: pip install 'segcli[onnx]'")
     if check is None:
         check = fmt != "onnx" or onnxruntime_available()
     if check and fmt == "onnx" and not onnxruntime_available():
         raise UsageError(
-            "--check on ONNX needs onnxruntime: pip install 'segcli[onnx]', or pass --no-check"
+            "`check` on ONNX needs onnxruntime: pip install 'segcli[onnx]', or pass `no_check`"
         )
     if not 7 <= opset <= 20:
-        raise UsageError(f"--opset must be between 7 and 20 for this exporter, not {opset}")
+        raise UsageError(f"`opset` must be between 7 and 20 for this exporter, not {opset}")
     size = tuple(size or info.input_size)  # type: ignore[assignment]
     model = model.cpu().float().eval()
     in_channels = int(info.model["in_channels"])
@@ -378,12 +378,12 @@ def export_model(
     off_step = size[0] % divisor or size[1] % divisor or min(size) < 2 * divisor
     if fmt == "exported-program" and dynamic and divisor > 1 and off_step:
         raise UsageError(
-            f"--size {size[0]}x{size[1]}: a dynamic exported program of this model takes "
-            f"sizes in steps of {divisor} from {2 * divisor}; pass such a --size or --static"
+            f"`size` {size[0]}x{size[1]}: a dynamic exported program of this model takes "
+            f"sizes in steps of {divisor} from {2 * divisor}; pass such a `size` or `static`"
         )
     step = divisor if fmt == "exported-program" else 1
     if check_with is not None and not check:
-        raise UsageError("--check-image is used by the check; drop --no-check")
+        raise UsageError("`check_image` is used by the check; drop `no_check`")
     image = None
     if check_with is not None:
         from segcli.data import read_image

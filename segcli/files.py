@@ -49,3 +49,12 @@ def atomic_link(source: Path, path: Path) -> None:
             shutil.copyfile(source, temporary)
 
     atomic_write(path, link_or_copy)
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 of a weights file: what ties a training state to its checkpoint, and an export
+    to the checkpoint it was made from."""
+    import hashlib
+
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -274,25 +274,25 @@ def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
     parts = [part.strip() for part in spec.lower().split("+")]
     if not spec.strip() or any(not part for part in parts):
         raise UsageError(
-            f"--loss: malformed spec '{spec}'; use e.g. 0.5*focal+dice; valid: {valid}"
+            f"`loss`: malformed spec '{spec}'; use e.g. 0.5*focal+dice; valid: {valid}"
         )
     terms: list[tuple[float, str]] = []
     for part in parts:
         weight_text, _, name = part.rpartition("*")
         name = name.strip()
         if name not in LOSS_NAMES:
-            raise UsageError(f"--loss: unknown loss '{name}'; valid: {valid}")
+            raise UsageError(f"`loss`: unknown loss '{name}'; valid: {valid}")
         try:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
             weight = math.nan
         if not math.isfinite(weight) or weight <= 0:
             raise UsageError(
-                f"--loss: bad weight '{weight_text.strip()}' in '{part}'; "
+                f"`loss`: bad weight '{weight_text.strip()}' in '{part}'; "
                 "weights are positive numbers, e.g. 0.5*focal+dice"
             )
         if name in (n for _, n in terms):
-            raise UsageError(f"--loss: '{name}' appears twice in '{spec}'")
+            raise UsageError(f"`loss`: '{name}' appears twice in '{spec}'")
         terms.append((weight, name))
     return terms
 
@@ -315,14 +315,14 @@ def build_loss(
     one-logit model are their binary (sigmoid) forms."""
     if num_classes < 1:
         raise UsageError(
-            f"--loss: the model must have at least 1 output channel, got {num_classes}"
+            f"`loss`: the model must have at least 1 output channel, got {num_classes}"
         )
     if focal_gamma < 0:
-        raise UsageError(f"--focal-gamma must be >= 0, got {focal_gamma}")
+        raise UsageError(f"`focal_gamma` must be >= 0, got {focal_gamma}")
     if focal_alpha is not None and not 0 <= focal_alpha <= 1:
-        raise UsageError(f"--focal-alpha must be in [0, 1], got {focal_alpha}")
+        raise UsageError(f"`focal_alpha` must be in [0, 1], got {focal_alpha}")
     if tversky_alpha < 0 or tversky_beta < 0 or tversky_alpha + tversky_beta == 0:
-        raise UsageError("--tversky-alpha/--tversky-beta must be >= 0 and not both 0")
+        raise UsageError("`tversky_alpha`/`tversky_beta` must be >= 0 and not both 0")
     scored = max(num_classes, 2)
     terms: list[tuple[float, _Term]] = []
     for weight, name in parse_loss_spec(spec):
@@ -332,18 +332,18 @@ def build_loss(
         elif name == "bce":
             if num_classes != 1:
                 raise UsageError(
-                    f"--loss bce needs a one-logit binary model (--classes 1), this model has "
+                    f"`loss` bce needs a one-logit binary model (`classes` 1), this model has "
                     f"{num_classes} outputs; use ce"
                 )
             term = _CrossEntropy("bce", None)
         elif name == "wce":
             if class_weights is None:
-                raise UsageError("--loss wce needs --class-weights (e.g. 1,2,5 or auto)")
+                raise UsageError("`loss` wce needs `class_weights` (e.g. 1,2,5 or auto)")
             if len(class_weights) != scored or any(
                 not math.isfinite(w) or w < 0 for w in class_weights
             ):
                 raise UsageError(
-                    f"--class-weights needs {scored} non-negative numbers (one per scored class), "
+                    f"`class_weights` needs {scored} non-negative numbers (one per scored class), "
                     f"got {list(class_weights)}"
                 )
             term = _CrossEntropy("wce", class_weights)
@@ -363,7 +363,7 @@ def median_frequency_weights(pixel_counts: Sequence[int | float]) -> list[float]
     median (they cannot be learned from this training set)."""
     total = float(sum(pixel_counts))
     if total <= 0:
-        raise UsageError("--class-weights auto: the training masks contain no labelled pixels")
+        raise UsageError("`class_weights` auto: the training masks contain no labelled pixels")
     frequencies = [count / total for count in pixel_counts]
     median = statistics.median(f for f in frequencies if f > 0)
     return [median / f if f > 0 else 0.0 for f in frequencies]

@@ -45,7 +45,6 @@ from segcli import __version__
 from segcli.data import decode_image_bytes
 from segcli.errors import UsageError, first_line
 from segcli.infer.encode import OutputSpec
-from segcli.infer.onnx_model import OnnxSegModel
 from segcli.infer.predict import to_rgb8
 from segcli.infer.segmenter import Segmenter
 
@@ -70,10 +69,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_pixels < 1:
-            raise UsageError("--max-bytes and --max-pixels must be at least 1")
+            raise UsageError("`max_bytes` and `max_pixels` must be at least 1")
         if self.max_batch < 1 or self.io_threads < 1 or self.max_wait_ms < 0:
             raise UsageError(
-                "--max-batch and io_threads must be at least 1, --max-wait-ms at least 0"
+                "`max_batch` and io_threads must be at least 1, `max_wait_ms` at least 0"
             )
 
 
@@ -236,7 +235,7 @@ def decode(body: bytes, max_pixels: int) -> torch.Tensor:
         raise HTTPException(
             413,
             f"image of {width}x{height} = {width * height} pixels; the limit is "
-            f"{max_pixels} (--max-pixels)",
+            f"{max_pixels} (`max_pixels`)",
         )
     try:
         return decode_image_bytes(body, source="request body")
@@ -313,7 +312,7 @@ class Service:
             "binary": segmenter.binary,
             "threshold": segmenter.threshold if segmenter.binary else None,
             "spec": segmenter.info.spec.to_dict(),
-            "runtime": "onnxruntime" if isinstance(segmenter.model, OnnxSegModel) else "torch",
+            "runtime": segmenter.runtime.name,
             "device": str(segmenter.device),
             "precision": segmenter.precision.name,
             "channels_last": segmenter.precision.channels_last,
@@ -339,7 +338,7 @@ async def read_image_body(request: Request, max_bytes: int) -> bytes:
             f"content type {shown}: send the image as the body with an image/* content type, "
             f"or as the 'file' field of {MULTIPART}",
         )
-    too_large = HTTPException(413, f"body over {max_bytes} bytes (--max-bytes)")
+    too_large = HTTPException(413, f"body over {max_bytes} bytes (`max_bytes`)")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise too_large
@@ -396,7 +395,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": ERROR_BODY}
     for status, description in {
         400: "Undecodable image, malformed form or no 'file' field",
-        413: "Body over --max-bytes, or image over --max-pixels",
+        413: "Body over `max_bytes`, or image over `max_pixels`",
         415: "Neither an image/* body nor multipart/form-data",
         422: "Unknown format",
         500: "The model failed on this image",
@@ -421,7 +420,7 @@ def create_app(segmenter: Segmenter, config: ServeConfig | None = None) -> FastA
     app = FastAPI(
         title="segcli",
         version=__version__,
-        description="Semantic segmentation with one loaded model (`seg serve`).",
+        description="Semantic segmentation with one loaded model ('seg serve').",
         lifespan=lifespan,
     )
     app.state.service = service

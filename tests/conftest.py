@@ -1,5 +1,6 @@
 import contextlib
 import io
+import os
 import subprocess
 import sys
 import traceback
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+# `--runtime auto` (the CLI default) exports and times a checkpoint the first time it sees it:
+# seconds per new checkpoint, and the suite makes hundreds. Tests of the runtimes pass
+# --runtime themselves; every other test runs the torch path it was written for.
+os.environ["SEGCLI_RUNTIME"] = "torch"
 
 
 def run_seg(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -128,7 +128,7 @@ def test_usage_errors_are_one_line(seg, flags: list[str], message: str) -> None:
 
 def test_bad_spec_raises_before_work() -> None:
     spec = bench_engine.BenchSpec(**{**TINY.__dict__, "mode": "serve"})
-    with pytest.raises(UsageError, match="--mode"):
+    with pytest.raises(UsageError, match="`mode`"):
         bench_engine.run_bench(spec, [bench_engine.Variant()])
 
 

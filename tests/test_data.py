@@ -75,7 +75,7 @@ def test_parse_size() -> None:
     assert parse_size("256x320") == (256, 320)
     assert parse_size(128) == (128, 128)
     for bad in ("", "abc", "256x", "0", "4x4", "256x320x3"):
-        with pytest.raises(UsageError, match="--size"):
+        with pytest.raises(UsageError, match="`size`"):
             parse_size(bad)
 
 
@@ -139,7 +139,7 @@ def test_to_channels() -> None:
     rgb = torch.stack([torch.full((4, 4), v, dtype=torch.uint8) for v in (200, 100, 50)])
     assert to_channels(rgb, 1).shape == (1, 4, 4)
     assert torch.equal(to_channels(torch.cat([rgb, rgb[:1]]), 3), rgb)
-    with pytest.raises(UsageError, match="--in-channels 2"):
+    with pytest.raises(UsageError, match="`in_channels` 2"):
         to_channels(rgb, 2)
 
 
@@ -167,7 +167,7 @@ def test_binary_masks_and_foreground(tmp_path: Path) -> None:
     # ISBI style: 0 is the structure of interest.
     flipped = scan_dataset(root, foreground_value=0).mapping
     assert np.array_equal(flipped.encode(mask), (mask == 0).astype(np.int64))
-    with pytest.raises(UsageError, match="--foreground 7: no mask holds that value"):
+    with pytest.raises(UsageError, match="`foreground` 7: no mask holds that value"):
         scan_dataset(root, foreground_value=7)
 
 
@@ -432,10 +432,10 @@ def test_augment_from_flags() -> None:
     default = AugmentConfig.from_flags()
     assert default is not None and default.zoom == (0.75, 1.25) and default.scale is None
     assert AugmentConfig.from_dict(default.to_dict()) == default
-    with pytest.raises(UsageError, match="--rotate"):
+    with pytest.raises(UsageError, match="`rotate`"):
         AugmentConfig(rotate=400)
     for bad in ("2,1", "0,1", "big"):
-        with pytest.raises(UsageError, match="--zoom"):
+        with pytest.raises(UsageError, match="`zoom`"):
             AugmentConfig.from_flags(zoom=bad)
 
 

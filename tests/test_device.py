@@ -42,13 +42,13 @@ def test_precision_choices(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert not resolve_precision("bf16", CPU, channels_last=False).channels_last
     with pytest.raises(UsageError, match="fp16"):
         resolve_precision("fp16", CPU)
-    with pytest.raises(UsageError, match="--amp"):
+    with pytest.raises(UsageError, match="`amp`"):
         resolve_precision("fp8", CPU)
 
 
 def test_unavailable_device_is_a_usage_error() -> None:
     assert resolve_device("cpu") == CPU
-    with pytest.raises(UsageError, match="--device"):
+    with pytest.raises(UsageError, match="`device`"):
         resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="cuda"):

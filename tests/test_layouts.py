@@ -218,7 +218,7 @@ def test_holdout_is_deterministic_disjoint_and_sized() -> None:
     assert holdout(pairs, 0.2, seed=4)[1] != val
     assert len(holdout(_pairs(2), 0.01, seed=0)[1]) == 1
     for bad in (0.0, 1.0, -0.5):
-        with pytest.raises(UsageError, match="--val-fraction"):
+        with pytest.raises(UsageError, match="`val_fraction`"):
             holdout(pairs, bad, seed=0)
     with pytest.raises(UsageError, match="at least 2"):
         holdout(_pairs(1), 0.2, seed=0)
@@ -234,9 +234,9 @@ def test_kfold_partitions_the_pooled_data() -> None:
     for fold in range(3):
         train, val = kfold(pairs, 3, fold, seed=0)
         assert set(train).isdisjoint(val) and len(train) + len(val) == 11
-    with pytest.raises(UsageError, match="--fold 3"):
+    with pytest.raises(UsageError, match="`fold` 3"):
         kfold(pairs, 3, 3, seed=0)
-    with pytest.raises(UsageError, match="--folds 12"):
+    with pytest.raises(UsageError, match="`folds` 12"):
         kfold(pairs, 12, 0, seed=0)
 
 

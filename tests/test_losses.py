@@ -282,13 +282,13 @@ def test_joint_loss_is_weighted_sum_and_describes_itself():
 def test_bad_specs_are_usage_errors(spec, message):
     with pytest.raises(UsageError, match=message) as error:
         make(spec, 3)
-    assert str(error.value).startswith("--loss") and "\n" not in str(error.value)
+    assert str(error.value).startswith("`loss`") and "\n" not in str(error.value)
 
 
 def test_construction_errors():
     with pytest.raises(UsageError, match="one-logit"):
         make("bce", 3)
-    with pytest.raises(UsageError, match="class-weights"):
+    with pytest.raises(UsageError, match="`class_weights`"):
         build_loss("wce", num_classes=3)
     with pytest.raises(UsageError, match="needs 3"):
         build_loss("wce", num_classes=3, class_weights=[1, 2])

@@ -129,11 +129,11 @@ def test_cgm_switches_off_absent_foreground_classes_only():
     [
         ("nope", None, {}, "unknown architecture"),
         ("unet", "resnet9", {}, "not a backbone of unet"),
-        ("unet", "resnet18", {"down": "conv"}, "--down conv"),
-        ("unet", "none", {"up": "pixelshuffle"}, "--up"),
-        ("unetpp", "none", {"up": "nearest"}, "--up"),
+        ("unet", "resnet18", {"down": "conv"}, "`down` conv"),
+        ("unet", "none", {"up": "pixelshuffle"}, "`up`"),
+        ("unetpp", "none", {"up": "nearest"}, "`up`"),
         ("unet", "none", {"decoder_channels": "256,128,64,32,16"}, "full-resolution"),
-        ("unet", "resnet18", {"decoder_channels": "lightest"}, "--decoder-channels"),
+        ("unet", "resnet18", {"decoder_channels": "lightest"}, "`decoder_channels`"),
         ("unet", "none", {"cgm": True}, "no option cgm"),
     ],
 )
@@ -178,7 +178,7 @@ def test_decoder_channels_build_the_lighter_decoder_they_name():
     head = 32 * 16 * 4 + 16 + 16 * 1
     light = build_on_meta("unet", "resnet18", 3, 1, decoder_channels="256,128,64,32")
     assert count_parameters(light) == encoder + decoder + head
-    with pytest.raises(UsageError, match="--decoder-channels"):
+    with pytest.raises(UsageError, match="`decoder_channels`"):
         build_model("unet", "resnet18", decoder_channels="256,128,64")
 
 

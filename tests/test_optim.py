@@ -90,7 +90,7 @@ def test_optimizer_usage_errors():
         build_optimizer(model, "lion", lr=0.1)
     with pytest.raises(UsageError, match="nesterov"):
         build_optimizer(model, "adam", lr=0.1, nesterov=True)
-    with pytest.raises(UsageError, match="--lr"):
+    with pytest.raises(UsageError, match="`lr`"):
         build_optimizer(model, "sgd", lr=0.0)
 
 
@@ -203,5 +203,5 @@ def test_scheduler_usage_errors():
     optimizer = build_optimizer(small_model(), "sgd", lr=1.0)
     with pytest.raises(UsageError, match="valid: " + ", ".join(SCHEDULERS)):
         build_scheduler(optimizer, "onecycle", epochs=1, steps_per_epoch=1)
-    with pytest.raises(UsageError, match="--warmup-epochs"):
+    with pytest.raises(UsageError, match="`warmup_epochs`"):
         build_scheduler(optimizer, "poly", epochs=1, steps_per_epoch=1, warmup_epochs=-1)

@@ -324,9 +324,9 @@ def test_explicit_size_and_bad_size_flags(checkpoint: Path, images: Path, tmp_pa
     for name, size in SIZES.items():
         stem = Path(name).stem
         assert np.asarray(Image.open(tmp_path / "s" / f"{stem}.png")).shape == size
-    with pytest.raises(UsageError, match="--size"):
+    with pytest.raises(UsageError, match="`size`"):
         run(checkpoint, [str(images)], options(tmp_path / "b", size="big"))
-    with pytest.raises(UsageError, match="--tile"):
+    with pytest.raises(UsageError, match="`tile`"):
         run(checkpoint, [str(images)], options(tmp_path / "t", size="native", tile=32))
 
 
@@ -448,7 +448,7 @@ def test_a_patch_model_slides_its_patch_size_at_its_scale(checkpoint: Path, tmp_
 def test_tiles_smaller_than_the_model_stride_are_refused(
     checkpoint: Path, images: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(UsageError, match="--tile 16 is smaller than the model's stride"):
+    with pytest.raises(UsageError, match="`tile` 16 is smaller than the model's stride"):
         run(checkpoint, [str(images)], options(tmp_path / "o", tile=16))
 
 
@@ -574,7 +574,7 @@ def test_onnx_file_stands_in_for_the_checkpoint(
         np.testing.assert_allclose(
             np.load(tmp_path / "onnx" / name), np.load(tmp_path / "eager" / name), atol=2e-3
         )
-    with pytest.raises(UsageError, match="--compile"):
+    with pytest.raises(UsageError, match="`compile`"):
         run(path, [str(images)], options(tmp_path / "c", compile=True))
 
 

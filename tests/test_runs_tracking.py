@@ -260,5 +260,5 @@ def test_runs_bad_input_is_one_line(seg, runs_folder: Path, tmp_path: Path) -> N
 
 
 def test_bad_config_values_are_usage_errors() -> None:
-    with pytest.raises(UsageError, match="--ema"):
+    with pytest.raises(UsageError, match="`ema`"):
         TrainConfig(ema=1.0).validate()

@@ -271,7 +271,7 @@ def test_bad_requests_get_one_line_errors(served: Served) -> None:
     bytes or a wrong content type reaching the model as a 500, an unknown format accepted, and
     errors answered with tracebacks or lists instead of one line."""
     detail = assert_one_line_error(post_image(served, b"\0" * (MAX_BYTES + 1)), 413)
-    assert "--max-bytes" in detail
+    assert "`max_bytes`" in detail
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the streaming cap must hold
         for _ in range(MAX_BYTES // 1000 + 2):
@@ -281,7 +281,7 @@ def test_bad_requests_get_one_line_errors(served: Served) -> None:
     # 200 x 200 of one colour: a few hundred bytes, 40 000 pixels.
     big = png_bytes(np.zeros((200, 200, 3), np.uint8))
     assert len(big) < MAX_BYTES
-    assert "--max-pixels" in assert_one_line_error(post_image(served, big), 413)
+    assert "`max_pixels`" in assert_one_line_error(post_image(served, big), 413)
     detail = assert_one_line_error(post_image(served, b"GIF89a garbage"), 400)
     assert "not a readable image" in detail
     body = served.images[0].read_bytes()

@@ -420,7 +420,7 @@ def test_ddp_with_two_processes_matches_its_own_single_process_eval(tmp_path):
 
 def test_resuming_a_finished_run_asks_for_more_epochs(tmp_path):
     Trainer(fast_config(tmp_path, epochs=1)).run()
-    with pytest.raises(UsageError, match="raise --epochs"):
+    with pytest.raises(UsageError, match="raise `epochs`"):
         Trainer(
             fast_config(tmp_path, epochs=1, resume=str(tmp_path / "run/last.safetensors"))
         ).run()
@@ -512,7 +512,7 @@ def test_ddp_refuses_a_batch_larger_than_each_ranks_shard(tmp_path, monkeypatch)
     from segcli.train.distributed import DistContext
 
     monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistContext(0, 2, 0))
-    with pytest.raises(UsageError, match=r"--batch-size 16 .* shard of 12 .* 2 processes"):
+    with pytest.raises(UsageError, match=r"`batch_size` 16 .* shard of 12 .* 2 processes"):
         Trainer(fast_config(tmp_path, batch_size=16)).run()
 
 

@@ -215,11 +215,11 @@ def test_dilated_basic_blocks_follow_torchvisions_bottleneck_rule(output_stride:
 
 
 def test_invalid_strides_and_options_are_usage_errors() -> None:
-    with pytest.raises(UsageError, match="--output-stride"):
+    with pytest.raises(UsageError, match="`output_stride`"):
         build_model("deeplabv3", "resnet18", output_stride=32)
-    with pytest.raises(UsageError, match="--stride"):
+    with pytest.raises(UsageError, match="`stride`"):
         build_model("fcn", "vgg11", stride=4)
-    with pytest.raises(UsageError, match="--aux"):
+    with pytest.raises(UsageError, match="`aux`"):
         build_model("fcn", "vgg11", aux=True, fc_width=8)
     with pytest.raises(UsageError, match="backbone"):
         build_model("segnet", "resnet18")
@@ -274,7 +274,7 @@ def test_pretrained_without_network_names_backbone_weights(monkeypatch) -> None:
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision_weights_api, "load_state_dict_from_url", offline)
-    with pytest.raises(UsageError, match="--backbone-weights FILE") as caught:
+    with pytest.raises(UsageError, match="`backbone_weights` FILE") as caught:
         build_model("deeplabv3p", "resnet18", pretrained=True)
     assert "\n" not in str(caught.value)
 

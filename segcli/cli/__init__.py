@@ -11,7 +11,7 @@ from typer.exceptions import TyperException
 from segcli import __version__
 from segcli.cli import bench, check, export, params, predict, runs, serve, train
 from segcli.cli import eval as eval_cli
-from segcli.errors import ReaderGone, SegError
+from segcli.errors import ReaderGone, SegError, as_flags
 
 app = typer.Typer(
     name="seg",
@@ -57,7 +57,7 @@ def main() -> None:
     except ReaderGone as error:
         sys.exit(error.exit_code)
     except SegError as error:
-        print(f"seg: error: {error}", file=sys.stderr)
+        print(f"seg: error: {as_flags(str(error))}", file=sys.stderr)
         sys.exit(error.exit_code)
     except typer.Abort:
         print("seg: interrupted", file=sys.stderr)

@@ -138,6 +138,17 @@ Amp = Annotated[
         rich_help_panel=RUN_PANEL,
     ),
 ]
+Runtime = Annotated[
+    str,
+    typer.Option(
+        envvar="SEGCLI_RUNTIME",
+        help="auto | torch | onnxruntime | openvino. The last two run a float32 ONNX export of "
+        "the checkpoint, made once and cached in the run's cache/ folder; auto times the "
+        "runtimes installed here on the checkpoint once per CPU kind and keeps the fastest "
+        "(torch on GPUs, under --amp bf16/fp16 and for ensembles).",
+        rich_help_panel=RUN_PANEL,
+    ),
+]
 Workers = Annotated[
     int | None,
     typer.Option(

@@ -65,7 +65,7 @@ def bench(
     from segcli.bench import BenchSpec, Variant, compare_matrix, run_bench
     from segcli.data import parse_size
     from segcli.device import resolve_device
-    from segcli.errors import UsageError
+    from segcli.errors import UsageError, as_flags
 
     if compare and (dtype != "fp32" or channels_last or compile or onnx):
         raise UsageError(
@@ -88,7 +88,7 @@ def bench(
         if compare
         else [Variant(dtype, channels_last, compile, onnx)]
     )
-    report = run_bench(spec, variants, log=lambda line: print(line, file=sys.stderr))
+    report = run_bench(spec, variants, log=lambda line: print(as_flags(line), file=sys.stderr))
     if json_output:
         print(json.dumps(report, indent=2))
         return

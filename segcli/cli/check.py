@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from segcli.cli._options import DATA_PANEL, DataFormat, IgnoreValues, ReduceZeroLabel
+from segcli.errors import as_flags
 
 
 def check(
@@ -67,9 +68,10 @@ def check(
             reduce_zero_label=reduce_zero_label,
         )
     except DatasetError as error:
+        problems = [as_flags(problem) for problem in error.problems]
         if json_output:
-            print(json.dumps({"root": str(root), "valid": False, "problems": error.problems}))
-        for problem in error.problems:
+            print(json.dumps({"root": str(root), "valid": False, "problems": problems}))
+        for problem in problems:
             print(f"seg: error: {problem}", file=sys.stderr)
         raise typer.Exit(2) from None
     if json_output:

@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from segcli.cli._options import Amp, Device, Json, Overlap, Threshold, Tile, Tta, Workers
+from segcli.cli._options import (
+    Amp,
+    Device,
+    Json,
+    Overlap,
+    Runtime,
+    Threshold,
+    Tile,
+    Tta,
+    Workers,
+)
 
 if TYPE_CHECKING:
     from segcli.infer.segmenter import Segmenter
@@ -31,6 +41,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 8,
     device: Device = "auto",
     amp: Amp = "auto",
+    runtime: Runtime = "auto",
     full_res: Annotated[
         bool,
         typer.Option(
@@ -54,12 +65,16 @@ def eval_command(
     The model is rebuilt from the checkpoint alone and run exactly as seg predict runs it (same
     preprocessing, --tta, --tile, --threshold); scores come from one confusion matrix over the
     whole split. `seg eval runs/cv` scores the ensemble of a cross-validation run's folds."""
+    from segcli.errors import as_flags
     from segcli.infer.ensemble import describe
     from segcli.infer.evaluate import evaluate_checkpoint
+    from segcli.infer.runtimes import describe_runtime
 
     def announce(segmenter: Segmenter) -> None:
         if len(segmenter.checkpoints) > 1:
-            print(f"seg: {describe(segmenter.checkpoints)}", file=sys.stderr, flush=True)
+            print(f"seg: {as_flags(describe(segmenter.checkpoints))}", file=sys.stderr, flush=True)
+        if segmenter.runtime.reason.startswith("auto"):
+            print(f"seg: {describe_runtime(segmenter.runtime)}", file=sys.stderr, flush=True)
 
     result = evaluate_checkpoint(
         models,
@@ -75,6 +90,7 @@ def eval_command(
         threshold=threshold,
         workers=workers,
         compile=compile_model,
+        runtime=runtime,
         loaded=announce,
     )
     if json_output:

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from segcli.errors import ReaderGone, RuntimeFailure, UsageError
+from segcli.errors import ReaderGone, RuntimeFailure, UsageError, as_flags
 from segcli.files import atomic_write_bytes
 from segcli.infer.encode import OutputSpec
 from segcli.infer.ensemble import describe as describe_ensemble
 from segcli.infer.predict import Prediction, PredictOptions, Predictor
+from segcli.infer.runtimes import describe_runtime
 from segcli.infer.segmenter import Segmenter
 
 STDIN = "-"
@@ -110,7 +111,8 @@ def plan_jobs(
 
 
 def _report(log: TextIO, message: str) -> None:
-    print(f"seg: {message}", file=log, flush=True)
+    # Core messages (per-image failures, ensemble descriptions) name settings as `size`.
+    print(f"seg: {as_flags(message)}", file=log, flush=True)
 
 
 class PredictionWriter:
@@ -190,11 +192,14 @@ def predict(
         checkpoint,
         device=options.device,
         amp=options.amp,
+        runtime=options.runtime,
         compile=options.compile,
         **options.segmenter_options(),
     )
     if len(segmenter.checkpoints) > 1:
         _report(streams.log, describe_ensemble(segmenter.checkpoints))
+    if segmenter.runtime.reason.startswith("auto"):
+        _report(streams.log, describe_runtime(segmenter.runtime))
     predictor = Predictor(segmenter, options)
     writer = PredictionWriter(segmenter, options, streams)
     if segmenter.off_scale:

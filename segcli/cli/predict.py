@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from segcli.cli._options import RUN_PANEL, Amp, Device, Overlap, Threshold, Tile, Tta, Workers
+from segcli.cli._options import (
+    RUN_PANEL,
+    Amp,
+    Device,
+    Overlap,
+    Runtime,
+    Threshold,
+    Tile,
+    Tta,
+    Workers,
+)
 
 OUTPUT_PANEL = "Output"
 
@@ -87,6 +97,7 @@ def predict(
     workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
+    runtime: Runtime = "auto",
     compile_model: Annotated[
         bool,
         typer.Option(
@@ -125,6 +136,7 @@ def predict(
         workers=workers,
         device=device,
         amp=amp,
+        runtime=runtime,
         compile=compile_model,
         overwrite=overwrite,
         fail_fast=fail_fast,

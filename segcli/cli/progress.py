@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from segcli.errors import as_flags
+
 
 class Reporter:
     """Shows the trainer's events (segcli.train.trainer.TrainingEvents) on stderr."""
@@ -19,7 +21,8 @@ class Reporter:
         self._task: Any = None
 
     def log(self, message: str) -> None:
-        self.console.print(message, markup=False)
+        # The trainer's lines name settings as the core does (`lr`); show them as flags.
+        self.console.print(as_flags(message), markup=False)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         if not self.rich:

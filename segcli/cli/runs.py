@@ -33,7 +33,7 @@ def runs(
 
     A metrics.jsonl line that is not a record is reported on stderr and skipped, and the exit
     code is then 2."""
-    from segcli.errors import UsageError
+    from segcli.errors import UsageError, as_flags
     from segcli.train.runs import list_runs, read_run
 
     arguments = arguments or []
@@ -56,7 +56,7 @@ def runs(
         _table(records, root, json_output)
     problems = [problem for record in records for problem in record.problems]
     for problem in problems:
-        print(f"seg: error: {problem}", file=sys.stderr)
+        print(f"seg: error: {as_flags(problem)}", file=sys.stderr)
     if problems:
         raise typer.Exit(2)
 

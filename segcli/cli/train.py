@@ -279,6 +279,15 @@ def train(
         ),
     ] = None,
     out: Annotated[str | None, _opt("Run folder [runs/ARCH-BACKBONE].", OUT)] = None,
+    overwrite: Annotated[
+        bool | None,
+        _opt(
+            "Replace the run that --out already holds; without it that is refused [{default}].",
+            OUT,
+            "--overwrite",
+            setting="overwrite",
+        ),
+    ] = None,
     resume: Annotated[str | None, _opt("Resume from a run's last.safetensors.", OUT)] = None,
     previews: Annotated[
         int | None, _opt("Preview PNGs to write [{default}].", OUT, setting="previews")

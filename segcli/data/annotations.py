@@ -164,7 +164,7 @@ def _coco_categories(path: Path, data: Any) -> dict[int, str]:
     ):
         raise UsageError(
             f"{path}: not a COCO instances file (needs 'images', 'annotations' and "
-            "'categories' lists); check --format or the file"
+            "'categories' lists); check `format` or the file"
         )
     categories: dict[int, str] = {}
     for position, category in enumerate(data["categories"]):

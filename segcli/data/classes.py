@@ -100,7 +100,7 @@ class ClassMapping:
             name = self.names[self.raw_values().index(value)]
             raise UsageError(
                 f"value {value} is both class '{name}' and ignored; drop it from "
-                "--ignore-values or from the class table"
+                "`ignore_values` or from the class table"
             )
         self._lut_cache: dict[int, np.ndarray] = {}
 
@@ -212,7 +212,7 @@ class ClassMapping:
                 color = (key >> 16, (key >> 8) & 255, key & 255)
                 raise UsageError(
                     f"{source}: colour {color} maps to no class; add it to the class table "
-                    "(classes.json or --classes-file) or fix the mask"
+                    "(classes.json or `classes_file`) or fix the mask"
                 )
             classes[position] = table[key]
         return classes[inverse.reshape(keys.shape)]
@@ -226,7 +226,7 @@ class ClassMapping:
         ignore = f", {self.ignore_index} = ignore" if self.kind != "binary" else ""
         return UsageError(
             f"{source}: value {value} maps to no class ({self.kind} masks, {known}{ignore}); "
-            "fix the mask or the class table (classes.json or --classes-file)"
+            "fix the mask or the class table (classes.json or `classes_file`)"
         )
 
 
@@ -238,9 +238,9 @@ def parse_ignore_values(text: str | Sequence[int] | None) -> list[int]:
     try:
         values = [int(part) for part in parts if str(part).strip()]
     except ValueError:
-        raise UsageError(f"--ignore-values {text}: give raw mask values, e.g. 11 or 0,11") from None
+        raise UsageError(f"`ignore_values` {text}: give raw mask values, e.g. 11 or 0,11") from None
     if any(not 0 <= value <= 65535 for value in values):
-        raise UsageError(f"--ignore-values {text}: raw mask values are 0..65535")
+        raise UsageError(f"`ignore_values` {text}: raw mask values are 0..65535")
     return values
 
 
@@ -403,7 +403,7 @@ def read_class_table(path: str | Path) -> ClassTable:
     """Read a class table (.json, .csv, or a text file of names)."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path}: class table not found; check --classes-file")
+        raise UsageError(f"{path}: class table not found; check `classes_file`")
     suffix = path.suffix.lower()
     if suffix == ".json":
         table = _read_json_table(path)

@@ -45,7 +45,7 @@ class DatasetError(UsageError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         more = len(self.problems) - 1
-        suffix = f" (and {more} more problem{'s' * (more != 1)}; run `seg check`)" if more else ""
+        suffix = f" (and {more} more problem{'s' * (more != 1)}; run 'seg check')" if more else ""
         super().__init__(self.problems[0] + suffix)
 
 
@@ -111,7 +111,7 @@ def _unique_values(pairs: list[Pair], problems: list[str]) -> dict[int, Path]:
             if not (mask == mask[:, :, :1]).all():
                 problems.append(
                     f"{mask_path}: is an RGB colour mask; give a class table with a colour per "
-                    "class (classes.json in the dataset root or --classes-file)"
+                    "class (classes.json in the dataset root or `classes_file`)"
                 )
                 continue
             mask = mask[:, :, 0]  # a gray mask saved as RGB
@@ -162,14 +162,14 @@ def _infer_mapping(
         if foreground_value not in values:
             seen_text = ", ".join(str(v) for v in sorted(values)[:10])
             problems.append(
-                f"--foreground {foreground_value}: no mask holds that value (values seen: "
+                f"`foreground` {foreground_value}: no mask holds that value (values seen: "
                 f"{seen_text}); pick the value of the foreground pixels"
             )
             return None
         if len(values - {foreground_value}) > 1:
             extra = sorted(values - {foreground_value})[1]
             problems.append(
-                f"{seen[extra]}: value {extra} in a binary dataset (--foreground "
+                f"{seen[extra]}: value {extra} in a binary dataset (`foreground` "
                 f"{foreground_value}); binary masks hold two values, fix the mask"
             )
             return None
@@ -182,7 +182,7 @@ def _infer_mapping(
         problems.append(
             f"{seen[top]}: value {top} maps to no class (over "
             f"{MAX_INFERRED_CLASSES} classes without a class table); fix the mask or give a "
-            "class table (classes.json or --classes-file)"
+            "class table (classes.json or `classes_file`)"
         )
         return None
     first = int(reduce)
@@ -224,7 +224,7 @@ def scan_dataset(
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UsageError(f"{root}: dataset folder not found; check --data")
+        raise UsageError(f"{root}: dataset folder not found; check `data`")
     layout = read_layout(root, data_format, cache, mapping.names if mapping else None)
     problems = list(layout.problems)
     found = layout.splits

@@ -248,6 +248,6 @@ def to_channels(
     if channels == 3 and in_channels == 4:
         return torch.cat([image, torch.full_like(image[:1], opaque)])
     raise UsageError(
-        f"{source}: has {channels} channels, cannot convert to --in-channels {in_channels}; "
+        f"{source}: has {channels} channels, cannot convert to `in_channels` {in_channels}; "
         "use 1, 3 or 4 input channels or images with that many channels"
     )

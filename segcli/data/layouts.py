@@ -297,7 +297,7 @@ def read_coco(root: Path, cache: Path, class_names: Sequence[str] | None) -> Lay
     if not sources:
         raise UsageError(
             f"{root}: no COCO annotations (expected annotations/instances_SPLIT.json or "
-            "SPLIT/_annotations.coco.json); check --data and --format"
+            "SPLIT/_annotations.coco.json); check `data` and `format`"
         )
     if class_names is None:
         per_file = {path: coco_class_names(path) for _, path, _ in sources}
@@ -339,7 +339,7 @@ def read_labelme(root: Path, cache: Path, class_names: Sequence[str] | None) -> 
     folders = _labelme_folders(root)
     if not folders:
         raise UsageError(
-            f"{root}: no LabelMe JSON files (in split folders or the root); check --data"
+            f"{root}: no LabelMe JSON files (in split folders or the root); check `data`"
         )
     table_path = find_class_table(root)
     if class_names is None and table_path is not None:
@@ -413,7 +413,7 @@ def read_layout(
     are rasterised into `cache` (default: the user cache) with `class_names` when given (a
     checkpoint's classes) so class indices match."""
     if data_format is not None:
-        choose("--format", data_format, ("auto", *FORMATS))
+        choose("`format`", data_format, ("auto", *FORMATS))
     if data_format in (None, "auto"):
         data_format = detect_format(root)
     if data_format is None:

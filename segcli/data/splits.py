@@ -39,11 +39,11 @@ class SplitPlan:
         if self.kind == "holdout":
             return (
                 f"no val split: holding out {self.val_fraction:g} of train ({len(self.val)} "
-                f"images, --val-fraction, by --seed {self.seed}) as val"
+                f"images, `val_fraction`, by `seed` {self.seed}) as val"
             )
         if self.kind == "kfold":
             return (
-                f"fold {self.fold} of {self.folds} (train and val pooled, by --seed {self.seed}): "
+                f"fold {self.fold} of {self.folds} (train and val pooled, by `seed` {self.seed}): "
                 f"{len(self.train)} train / {len(self.val)} val images"
             )
         return "the dataset's own train and val splits"
@@ -73,17 +73,17 @@ def _relative(path: Path, root: Path) -> str:
 
 def check_val_fraction(fraction: float) -> None:
     if not 0 < fraction < 1:
-        raise UsageError(f"--val-fraction {fraction}: give a fraction in (0, 1), e.g. 0.2")
+        raise UsageError(f"`val_fraction` {fraction}: give a fraction in (0, 1), e.g. 0.2")
 
 
 def check_folds(folds: int | None, fold: int | None) -> None:
     """Refuse a fold count or fold number no split can have (`fold` None: every fold)."""
     if folds is not None and folds < 2:
-        raise UsageError(f"--folds {folds}: cross-validation needs at least 2 folds")
+        raise UsageError(f"`folds` {folds}: cross-validation needs at least 2 folds")
     if fold is not None and folds is None:
-        raise UsageError(f"--fold {fold} needs --folds K (the number of folds)")
+        raise UsageError(f"`fold` {fold} needs `folds` K (the number of folds)")
     if fold is not None and folds is not None and not 0 <= fold < folds:
-        raise UsageError(f"--fold {fold}: give a fold from 0 to {folds - 1} (--folds {folds})")
+        raise UsageError(f"`fold` {fold}: give a fold from 0 to {folds - 1} (`folds` {folds})")
 
 
 def _apart(pairs: list[Pair], chosen: set[int]) -> tuple[list[Pair], list[Pair]]:
@@ -99,7 +99,7 @@ def holdout(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], 
     check_val_fraction(fraction)
     if len(pairs) < 2:
         raise UsageError(
-            f"--val-fraction: the train split has {len(pairs)} image(s); holding out a val "
+            f"`val_fraction`: the train split has {len(pairs)} image(s); holding out a val "
             "split needs at least 2 (add images or a val/ split)"
         )
     count = min(max(1, round(len(pairs) * fraction)), len(pairs) - 1)
@@ -112,8 +112,8 @@ def kfold(pairs: list[Pair], folds: int, fold: int, seed: int) -> tuple[list[Pai
     check_folds(folds, fold)
     if len(pairs) < folds:
         raise UsageError(
-            f"--folds {folds}: the pooled train and val splits hold {len(pairs)} images, fewer "
-            "than the folds; lower --folds"
+            f"`folds` {folds}: the pooled train and val splits hold {len(pairs)} images, fewer "
+            "than the folds; lower `folds`"
         )
     order = np.random.default_rng(seed).permutation(len(pairs))
     return _apart(pairs, set(np.array_split(order, folds)[fold].tolist()))
@@ -133,7 +133,7 @@ def plan_split(
     check_folds(folds, fold)
     train = info.pairs("train")
     if folds is not None and fold is None:
-        raise UsageError("--fold I and --folds K go together (--folds K alone trains every fold)")
+        raise UsageError("`fold` I and `folds` K go together (`folds` K alone trains every fold)")
     if folds is not None and fold is not None:
         pooled = sorted([*train, *info.splits.get("val", [])], key=lambda pair: str(pair[0]))
         fold_train, fold_val = kfold(pooled, folds, fold, seed)

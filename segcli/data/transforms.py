@@ -34,11 +34,11 @@ def parse_size(text: str | int | Sequence[int]) -> tuple[int, int]:
         text = "x".join(str(v) for v in text)
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", text)
     if match is None:
-        raise UsageError(f"--size '{text}': write N or HxW, e.g. 256 or 256x320")
+        raise UsageError(f"`size` '{text}': write N or HxW, e.g. 256 or 256x320")
     height = int(match.group(1))
     width = int(match.group(2)) if match.group(2) else height
     if not (8 <= height <= 16384 and 8 <= width <= 16384):
-        raise UsageError(f"--size '{text}': each side must be between 8 and 16384 pixels")
+        raise UsageError(f"`size` '{text}': each side must be between 8 and 16384 pixels")
     return height, width
 
 
@@ -83,20 +83,20 @@ class AugmentConfig:
             low, high = self.zoom
             if not 0.0 < low <= high <= 4.0:
                 raise UsageError(
-                    f"--zoom {low},{high}: give LOW,HIGH with 0 < LOW <= HIGH <= 4, e.g. 0.75,1.25"
+                    f"`zoom` {low},{high}: give LOW,HIGH with 0 < LOW <= HIGH <= 4, e.g. 0.75,1.25"
                 )
             self.zoom = (float(low), float(high))
         if self.scale is not None:
             low, high = self.scale
             if not 0.0 < low <= high <= 1.0:
                 raise UsageError(
-                    f"--scale-min {low}: the crop area range must lie in (0, 1], e.g. 0.5"
+                    f"`scale_min` {low}: the crop area range must lie in (0, 1], e.g. 0.5"
                 )
             self.scale = (float(low), float(high))
         if not 0.0 <= self.rotate <= 180.0:
-            raise UsageError(f"--rotate {self.rotate}: give degrees between 0 and 180")
+            raise UsageError(f"`rotate` {self.rotate}: give degrees between 0 and 180")
         if not 0.0 <= self.color_jitter <= 1.0:
-            raise UsageError(f"--color-jitter {self.color_jitter}: give a strength in [0, 1]")
+            raise UsageError(f"`color_jitter` {self.color_jitter}: give a strength in [0, 1]")
 
     @classmethod
     def from_flags(
@@ -156,7 +156,7 @@ def parse_zoom(zoom: str | Sequence[float] | None) -> tuple[float, float] | None
     except ValueError:
         values = []
     if len(values) not in (1, 2):
-        raise UsageError(f"--zoom {zoom}: give LOW,HIGH, e.g. 0.75,1.25 (1,1 turns it off)")
+        raise UsageError(f"`zoom` {zoom}: give LOW,HIGH, e.g. 0.75,1.25 (1,1 turns it off)")
     return values[0], values[-1]
 
 

@@ -40,7 +40,7 @@ class OutputSpec:
 
         count = info.scored_classes
         if count > 256 and format in ("index", "color", "overlay"):
-            raise UsageError(f"--format {format} holds at most 256 classes; this model has {count}")
+            raise UsageError(f"`format` {format} holds at most 256 classes; this model has {count}")
         names = info.class_names[:count]
         names += [str(index) for index in range(len(names), count)]
         mapping = ClassMapping.from_dict(info.classes)
@@ -48,7 +48,7 @@ class OutputSpec:
         colors += default_palette(count)[len(colors) :]
         offset = int(mapping.reduce_zero_label)
         if format == "index" and count + offset > 256:
-            raise UsageError("--format index holds at most 255 classes after reduce-zero-label")
+            raise UsageError("`format` index holds at most 255 classes after reduce-zero-label")
         return cls(format, threshold, names, torch.tensor(colors, dtype=torch.uint8), offset)
 
     def render(

@@ -79,6 +79,7 @@ def evaluate_checkpoint(
     threshold: float | None = None,
     workers: int | None = None,
     compile: bool = False,
+    runtime: str = "torch",
     loaded: Callable[[Segmenter], None] | None = None,
 ) -> dict[str, Any]:
     """Rebuild a model from its checkpoint (or exported ONNX file) alone and score it on a split
@@ -102,6 +103,7 @@ def evaluate_checkpoint(
         device=device_name,
         amp=amp,
         compile=compile,
+        runtime=runtime,
         tta=tta,
         tile=tile,
         overlap=overlap,
@@ -123,7 +125,7 @@ def evaluate_checkpoint(
         saved = Path(sources[0]).parent / SPLIT_FILE if len(sources) == 1 else None
         if split != "val" or saved is None or not saved.is_file():
             have = ", ".join(data_info.splits)
-            raise UsageError(f"--split {split}: the dataset has no {split} split (found: {have})")
+            raise UsageError(f"`split` {split}: the dataset has no {split} split (found: {have})")
         held_out = load_split(saved, data_info.root).val
         data_info = dataclasses.replace(data_info, splits={split: held_out})
     spec = info.spec
@@ -163,6 +165,7 @@ def evaluate_checkpoint(
             else " ".join(map(str, checkpoint))
         ),
         "checkpoints": [str(path) for path in segmenter.checkpoints],
+        "runtime": segmenter.runtime.name,
         "split": split,
         "images": len(dataset),
         "full_res": full_res,

@@ -44,6 +44,7 @@ class PredictOptions:
     workers: int | None = None  # None: device.data_workers decides
     device: str = "auto"
     amp: str = "auto"
+    runtime: str = "torch"  # the CLI's default is auto
     compile: bool = False
     overwrite: bool = False
     fail_fast: bool = False
@@ -61,11 +62,11 @@ class PredictOptions:
         }
 
     def validate(self) -> None:
-        choose("--format", self.format, FORMATS)
+        choose("`format`", self.format, FORMATS)
         if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
-            raise UsageError("--batch-size must be at least 1 and --workers at least 0")
+            raise UsageError("`batch_size` must be at least 1 and `workers` at least 0")
         if self.out is None and self.json:
-            raise UsageError("--out - writes the image bytes to stdout; it cannot go with --json")
+            raise UsageError("`out` - writes the image bytes to stdout; it cannot go with `json`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from segcli.infer.inference import (
     probabilities_from_logits,
     sliding_window_logits,
 )
+from segcli.infer.runtimes import RuntimeChoice, check_runtime, choose_runtime, load_exported
 from segcli.infer.spec import InferenceSpec
 
 if TYPE_CHECKING:
@@ -98,28 +99,29 @@ class Segmenter:
         size: tuple[int, int] | str | None = None,
         window_batch: int = 4,
         checkpoints: Sequence[Path] = (),
+        runtime: RuntimeChoice | None = None,
     ) -> None:
         if threshold is not None and not info.binary:
             raise UsageError(
-                f"--threshold is for binary (one-logit) models; this one has "
+                f"`threshold` is for binary (one-logit) models; this one has "
                 f"{info.model['classes']} classes and uses the argmax"
             )
         if threshold is not None and not 0.0 < threshold < 1.0:
-            raise UsageError(f"--threshold {threshold}: use a probability in (0, 1)")
+            raise UsageError(f"`threshold` {threshold}: use a probability in (0, 1)")
         if not 0.0 <= overlap <= 0.9:
-            raise UsageError(f"--overlap {overlap}: use a fraction from 0 to 0.9, e.g. 0.25")
+            raise UsageError(f"`overlap` {overlap}: use a fraction from 0 to 0.9, e.g. 0.25")
         stride = int(getattr(model, "size_divisor", 1))
         if tile is not None and tile < 16:
-            raise UsageError(f"--tile {tile}: windows must be at least 16 pixels")
+            raise UsageError(f"`tile` {tile}: windows must be at least 16 pixels")
         if tile is not None and tile < stride:
             raise UsageError(
-                f"--tile {tile} is smaller than the model's stride ({stride} pixels); "
-                f"use --tile {stride} or more"
+                f"`tile` {tile} is smaller than the model's stride ({stride} pixels); "
+                f"use `tile` {stride} or more"
             )
         spec = info.spec
         if tile is not None and size == NATIVE and not spec.patches:
             raise UsageError(
-                "--tile slides windows over the image at the model's scale; drop --size native"
+                "`tile` slides windows over the image at the model's scale; drop `size` native"
             )
         if tile is None and spec.patches and size is None:
             tile = spec.size[0]
@@ -127,6 +129,7 @@ class Segmenter:
         self.info = info
         # The files `load` read (several for an ensemble); empty for a live module.
         self.checkpoints = list(checkpoints)
+        self.runtime = runtime or RuntimeChoice("torch", "a module given")
         self.spec: InferenceSpec = spec
         self.device = device
         self.precision = precision
@@ -162,14 +165,18 @@ class Segmenter:
         device: str | torch.device = "auto",
         amp: str = "auto",
         compile: bool = False,
+        runtime: str = "torch",
         **options: Any,
     ) -> Segmenter:
         """Open a `.safetensors` checkpoint from `seg train` or an `.onnx` file from
         `seg export`; a run folder stands for its best.safetensors. Several paths, or a
         cross-validation run folder (fold_0/, fold_1/, ...), load an ensemble that averages
         the members' logits (`segcli.infer.ensemble`); `info` is then the first member's.
-        `amp` and `compile` are the CLI's `--amp` and `--compile` and apply to every member;
-        ONNX models run alone, in float32 on onnxruntime. Other keywords are the
+        `amp` and `compile` are the CLI's `--amp` and `--compile` and apply to every member.
+        `runtime` (`segcli.infer.runtimes`): torch, onnxruntime or openvino (a checkpoint runs
+        on the others through a cached ONNX export, in float32), or auto (the fastest on this
+        host, measured once); `.runtime` says which and why. ONNX files run alone, on
+        onnxruntime unless `runtime` is openvino. Other keywords are the
         constructor's."""
         from segcli.infer.ensemble import Ensemble, expand_models, load_members
 
@@ -177,13 +184,11 @@ class Segmenter:
         if not paths:
             raise UsageError("no checkpoint given; pass a .safetensors file or a run folder")
         device = device if isinstance(device, torch.device) else resolve_device(device)
-        if len(paths) == 1 and paths[0].suffix.lower() == ".onnx":
-            if compile:
-                raise UsageError("--compile applies to .safetensors checkpoints, not ONNX files")
-            from segcli.infer.onnx_model import load_onnx
-
-            model, info = load_onnx(paths[0], device)
-            precision = Precision(None, channels_last=False)
+        onnx_file = len(paths) == 1 and paths[0].suffix.lower() == ".onnx"
+        check_runtime(runtime, members=len(paths), compile=compile, onnx_file=onnx_file)
+        if onnx_file:  # torch cannot run an ONNX file: any runtime but openvino means ORT
+            name = "openvino" if runtime == "openvino" else "onnxruntime"
+            choice = RuntimeChoice(name, "an exported file", paths[0])
         else:
             precision = resolve_precision(amp, device)
             members, info = load_members(paths, device)
@@ -192,7 +197,25 @@ class Segmenter:
             if compile:
                 members = [compiled(m) for m in members]
             model = members[0] if len(members) == 1 else Ensemble(members)
-        return cls(model, info, device=device, precision=precision, checkpoints=paths, **options)
+            if len(paths) > 1 and runtime == "auto":
+                choice = RuntimeChoice("torch", "auto: an ensemble runs on torch")
+            else:
+                choice = choose_runtime(runtime, paths[0], device, precision, model, info)
+        if choice.onnx is not None:
+            stride = getattr(model, "size_divisor", None) if not onnx_file else None
+            model, info = load_exported(choice.name, choice.onnx, device)
+            if stride is not None:  # the graph has no attributes; `tile` checks against it
+                model.size_divisor = stride
+            precision = Precision(None, channels_last=False)
+        return cls(
+            model,
+            info,
+            device=device,
+            precision=precision,
+            checkpoints=paths,
+            runtime=choice,
+            **options,
+        )
 
     # -- what it is ------------------------------------------------------------------------
     @property

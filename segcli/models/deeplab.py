@@ -110,7 +110,7 @@ def deeplabv3(
     """DeepLabv3. `output_stride` 8 (default, as torchvision's deeplabv3_resnet*; ASPP rates
     12/24/36) or 16 (rates 6/12/18, about 3x cheaper); `aux` adds torchvision's FCN head on
     layer3 (loss weight 0.5). Default backbone resnet50."""
-    check_stride("--output-stride", output_stride, tuple(ASPP_RATES))
+    check_stride("`output_stride`", output_stride, tuple(ASPP_RATES))
     return DeepLabV3(
         backbone,
         in_channels,
@@ -141,7 +141,7 @@ def deeplabv3p(
     """DeepLabv3+. `output_stride` 16 (default, the paper's training setting; ASPP rates
     6/12/18) or 8 (rates 12/24/36); `aux` adds an FCN head on layer3 (loss weight 0.5). Default
     backbone resnet50."""
-    check_stride("--output-stride", output_stride, tuple(ASPP_RATES))
+    check_stride("`output_stride`", output_stride, tuple(ASPP_RATES))
     return DeepLabV3Plus(
         backbone,
         in_channels,

@@ -78,7 +78,7 @@ def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int, dilation: 
 def _resnet(name: str, output_stride: int) -> nn.Module:
     dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
     if output_stride not in dilate:
-        raise UsageError(f"--output-stride must be 8, 16 or 32, not {output_stride}")
+        raise UsageError(f"`output_stride` must be 8, 16 or 32, not {output_stride}")
     flags = dilate[output_stride]
     if name in ("resnet18", "resnet34"):
         net = getattr(tvm, name)(weights=None)
@@ -124,7 +124,7 @@ def _load_backbone_weights(net: nn.Module, name: str, weights_file: str | None) 
     if weights_file is not None:
         path = Path(weights_file)
         if not path.is_file():
-            raise UsageError(f"--backbone-weights: no such file: {path}")
+            raise UsageError(f"`backbone_weights`: no such file: {path}")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -137,8 +137,8 @@ def _load_backbone_weights(net: nn.Module, name: str, weights_file: str | None) 
             state = weights.get_state_dict(progress=False)
         except Exception as error:  # network, proxy or cache failures all look different
             raise UsageError(
-                f"--pretrained: could not fetch torchvision's {name} ImageNet weights ({error}); "
-                f"download them elsewhere and pass --backbone-weights FILE"
+                f"`pretrained`: could not fetch torchvision's {name} ImageNet weights ({error}); "
+                f"download them elsewhere and pass `backbone_weights` FILE"
             ) from None
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -191,12 +191,12 @@ def build_encoder(
     if name not in ENCODERS:
         raise UsageError(f"unknown backbone '{name}'; valid: {', '.join(ENCODERS)}")
     if down not in DOWNSAMPLING:
-        raise UsageError(f"unknown --down '{down}'; valid: {', '.join(DOWNSAMPLING)}")
+        raise UsageError(f"unknown `down` '{down}'; valid: {', '.join(DOWNSAMPLING)}")
     if name != "none" and down != "maxpool":
-        raise UsageError("--down conv applies to the plain UNet encoder only (--backbone none)")
+        raise UsageError("`down` conv applies to the plain UNet encoder only (`backbone` none)")
     if name == "none":
         if pretrained or backbone_weights:
-            raise UsageError("--pretrained needs a ResNet or VGG backbone, not 'none'")
+            raise UsageError("`pretrained` needs a ResNet or VGG backbone, not 'none'")
         widths = (64, 128, 256, 512, 1024)
         return Encoder(PlainUNetEncoder(in_channels, widths, down), widths, (1, 2, 4, 8, 16))
 
@@ -204,7 +204,7 @@ def build_encoder(
         net = _resnet(name, output_stride)
     else:
         if output_stride != 32:
-            raise UsageError("--output-stride applies to ResNet backbones only")
+            raise UsageError("`output_stride` applies to ResNet backbones only")
         net = _VGGFeatures(name)
     if pretrained or backbone_weights:
         _load_backbone_weights(net, name, backbone_weights)

@@ -126,20 +126,20 @@ def fcn(
     `fc_width`: fc6/fc7 channels on VGG (4096 as in the paper, about 120M parameters; 1024 is a
     light variant). `aux`: ResNet only, torchvision's FCN head on layer3 (loss weight 0.5).
     Default backbone vgg16."""
-    check_stride("--stride", stride, STRIDES)
+    check_stride("`stride`", stride, STRIDES)
     if backbone in FCN_RESNETS:
         dilation = check_stride(
-            "--output-stride", output_stride if output_stride is not None else stride, STRIDES
+            "`output_stride`", output_stride if output_stride is not None else stride, STRIDES
         )
         return FCNResNet(
             backbone, in_channels, classes, dilation, aux, pretrained, backbone_weights
         )
     if output_stride is not None:
         raise UsageError(
-            "--output-stride applies to fcn on ResNet backbones; FCN-VGG takes --stride 32|16|8"
+            "`output_stride` applies to fcn on ResNet backbones; FCN-VGG takes `stride` 32|16|8"
         )
     if aux:
-        raise UsageError("--aux applies to fcn on ResNet backbones; FCN-VGG has no auxiliary head")
+        raise UsageError("`aux` applies to fcn on ResNet backbones; FCN-VGG has no auxiliary head")
     if fc_width < 1:
-        raise UsageError(f"--fc-width must be at least 1, not {fc_width}")
+        raise UsageError(f"`fc_width` must be at least 1, not {fc_width}")
     return FCNVGG(backbone, in_channels, classes, stride, fc_width, pretrained, backbone_weights)

@@ -66,5 +66,5 @@ def pspnet(
     """PSPNet. `output_stride` 8 (default, the paper's) or 16; `aux` (on by default) adds the FCN
     head on layer3 whose loss the engine weights by 0.4 in training. Default backbone resnet50.
     Training needs batches of 2 or more: the 1x1 bin's BatchNorm sees one value per image."""
-    check_stride("--output-stride", output_stride, (8, 16))
+    check_stride("`output_stride`", output_stride, (8, 16))
     return PSPNet(backbone, in_channels, classes, output_stride, aux, pretrained, backbone_weights)

@@ -83,9 +83,9 @@ def build_model(
     entry = get_entry(arch)
     backbone = resolve_backbone(arch, backbone)
     if in_channels < 1:
-        raise UsageError(f"--in-channels must be at least 1, not {in_channels}")
+        raise UsageError(f"`in_channels` must be at least 1, not {in_channels}")
     if classes < 1:
-        raise UsageError(f"--classes must be at least 1, not {classes}")
+        raise UsageError(f"`classes` must be at least 1, not {classes}")
     known = entry.options
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(given) - set(known))

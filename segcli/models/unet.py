@@ -45,7 +45,7 @@ def parse_decoder_channels(value: str | Sequence[int]) -> tuple[int, ...]:
         widths = ()
     if len(widths) not in (4, 5) or any(w < 2 or w % 2 for w in widths):
         raise UsageError(
-            f"--decoder-channels '{text}': give {' or '.join(DECODERS)}, or four or five even "
+            f"`decoder_channels` '{text}': give {' or '.join(DECODERS)}, or four or five even "
             "widths, deep to shallow, e.g. 256,128,64,32,16"
         )
     return widths
@@ -100,8 +100,8 @@ class UNet(SegmentationModel):
         backbone_weights: str | None = None,
         decoder_channels: Sequence[int] = DECODER_WIDTHS,
     ) -> None:
-        choose("--up", up, UNET_UPSAMPLING)
-        choose("--attention", attention, ATTENTION_KINDS)
+        choose("`up`", up, UNET_UPSAMPLING)
+        choose("`attention`", attention, ATTENTION_KINDS)
         encoder = build_encoder(
             backbone,
             in_channels,
@@ -118,8 +118,8 @@ class UNet(SegmentationModel):
         if full_resolution_block:
             if reduction != 2:
                 raise UsageError(
-                    f"--decoder-channels: a fifth width adds a full-resolution block, but "
-                    f"--backbone {backbone} has its shallowest features at 1/{reduction} "
+                    f"`decoder_channels`: a fifth width adds a full-resolution block, but "
+                    f"`backbone` {backbone} has its shallowest features at 1/{reduction} "
                     "already; give four widths"
                 )
             skips.append(0)
@@ -164,7 +164,7 @@ def unet(
     `decoder_channels`: published | fast | four or five widths, deep to shallow (None: fast on
     ResNet encoders, published otherwise). The model's `build_config` records the resolved
     decoder and upsampling, so a checkpoint rebuilds the same model whatever the defaults."""
-    choose("--down", down, DOWNSAMPLING)
+    choose("`down`", down, DOWNSAMPLING)
     decoder = decoder_channels if decoder_channels is not None else default_decoder(backbone)
     widths = parse_decoder_channels(decoder)
     if up is None:

@@ -147,7 +147,7 @@ def unet3p(
     """UNet 3+. `deep_supervision` returns a side output of every decoder stage and the
     deepest encoder level in training; `cgm` adds the classification-guided module, whose
     class-presence logits train with BCE and gate the prediction at inference."""
-    choose("--attention", attention, ATTENTION_KINDS)
+    choose("`attention`", attention, ATTENTION_KINDS)
     return UNet3Plus(
         backbone,
         in_channels,

@@ -104,8 +104,8 @@ def unetpp(
 ) -> UNetPlusPlus:
     """UNet++. `deep_supervision` adds heads on X(0,1..3) whose outputs are returned in
     training mode; the final head on X(0,4) gives the prediction."""
-    choose("--up", up, UPSAMPLING)
-    choose("--attention", attention, ATTENTION_KINDS)
+    choose("`up`", up, UPSAMPLING)
+    choose("`attention`", attention, ATTENTION_KINDS)
     return UNetPlusPlus(
         backbone,
         in_channels,

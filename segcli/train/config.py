@@ -77,6 +77,7 @@ class TrainConfig:
     deterministic: bool = False
     # output
     out: str | None = None  # None: runs/<arch>-<backbone>, numbered if taken
+    overwrite: bool = False  # replace the run an explicit `out` already holds
     resume: str | None = None
     patience: int = 0  # epochs without val mIoU gain before stopping; 0 = never
     time_limit: float | None = None  # minutes of wall-clock; the schedule is planned to fit
@@ -91,25 +92,25 @@ class TrainConfig:
         }
         for name, value in positive.items():
             if value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+                raise UsageError(f"`{name}` must be at least 1, not {value}")
         if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, not {self.lr}")
+            raise UsageError(f"`lr` must be positive, not {self.lr}")
         if (self.workers is not None and self.workers < 0) or self.patience < 0:
-            raise UsageError("--workers and --patience must not be negative")
+            raise UsageError("`workers` and `patience` must not be negative")
         if self.time_limit is not None and not self.time_limit > 0:
             raise UsageError(
-                f"--time-limit must be a positive number of minutes, not {self.time_limit}"
+                f"`time_limit` must be a positive number of minutes, not {self.time_limit}"
             )
         if not 0 < self.scale <= 4:
-            raise UsageError(f"--scale {self.scale}: give a factor in (0, 4], e.g. 0.5 or 1")
+            raise UsageError(f"`scale` {self.scale}: give a factor in (0, 4], e.g. 0.5 or 1")
         if self.scale != 1.0 and self.crop is None:
-            raise UsageError("--scale resizes images for --crop patches; add --crop N")
+            raise UsageError("`scale` resizes images for `crop` patches; add `crop` N")
         if self.crop is not None and not 16 <= self.crop <= 16384:
-            raise UsageError(f"--crop {self.crop}: give a patch side from 16 to 16384 pixels")
+            raise UsageError(f"`crop` {self.crop}: give a patch side from 16 to 16384 pixels")
         if self.clip_grad is not None and self.clip_grad <= 0:
-            raise UsageError(f"--clip-grad must be positive, not {self.clip_grad}")
+            raise UsageError(f"`clip_grad` must be positive, not {self.clip_grad}")
         if self.ema is not None and not 0 < self.ema < 1:
-            raise UsageError(f"--ema {self.ema}: give a decay in (0, 1), e.g. 0.999")
+            raise UsageError(f"`ema` {self.ema}: give a decay in (0, 1), e.g. 0.999")
         from segcli.data.splits import check_folds, check_val_fraction
 
         check_val_fraction(self.val_fraction)
@@ -126,7 +127,11 @@ class TrainConfig:
         return parse_ignore_values(self.ignore_values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The run's settings. `overwrite` is an action on the folder, not a setting: kept out,
+        so a run's config.toml reused with `--config` never replaces another run."""
+        settings = dataclasses.asdict(self)
+        settings.pop("overwrite")
+        return settings
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML that `--config` reads back."""
@@ -159,13 +164,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise UsageError(f"--config: no such file: {path}") from None
+        raise UsageError(f"`config`: no such file: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"--config {path}: not valid TOML ({error})") from None
+        raise UsageError(f"`config` {path}: not valid TOML ({error})") from None
     data = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
-        raise UsageError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+        raise UsageError(f"`config` {path}: unknown setting(s) {', '.join(unknown)}")
     return data
 
 

@@ -31,10 +31,14 @@ def ema_update(decay: float) -> AverageFn:
         averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor], count: torch.Tensor
     ) -> None:
         weight = 1.0 - ema_weight(decay, int(count))
+        floating = [(m, v) for m, v in zip(averaged, current, strict=True) if m.is_floating_point()]
+        if floating:
+            # One fused kernel over all tensors: a per-tensor lerp_ loop cost ~20% of a small
+            # model's training step.
+            means, values = zip(*floating, strict=True)
+            torch._foreach_lerp_(list(means), list(values), weight)
         for mean, value in zip(averaged, current, strict=True):
-            if mean.is_floating_point():
-                mean.lerp_(value, weight)
-            else:
+            if not mean.is_floating_point():
                 mean.copy_(value)
 
     return update

@@ -78,15 +78,15 @@ def build_optimizer(
     """sgd (with `momentum`, optionally Nesterov), adam, adamw, or rmsprop (with `momentum`).
     Weight decay skips biases and normalisation layers."""
     if name not in OPTIMIZERS:
-        raise UsageError(f"--optimizer: unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"`optimizer`: unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
     if not lr > 0:
-        raise UsageError(f"--lr must be > 0, got {lr}")
+        raise UsageError(f"`lr` must be > 0, got {lr}")
     if weight_decay < 0:
-        raise UsageError(f"--weight-decay must be >= 0, got {weight_decay}")
+        raise UsageError(f"`weight_decay` must be >= 0, got {weight_decay}")
     if not 0 <= momentum < 1:
-        raise UsageError(f"--momentum must be in [0, 1), got {momentum}")
+        raise UsageError(f"`momentum` must be in [0, 1), got {momentum}")
     if nesterov and (name != "sgd" or momentum == 0):
-        raise UsageError("--nesterov applies to --optimizer sgd with --momentum > 0 only")
+        raise UsageError("`nesterov` applies to `optimizer` sgd with `momentum` > 0 only")
     groups = parameter_groups(model, weight_decay)
     if name == "sgd":
         return _fused(torch.optim.SGD, groups, lr=lr, momentum=momentum, nesterov=nesterov)
@@ -225,7 +225,7 @@ class LRSchedule:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("name") != self.name:
             raise UsageError(
-                f"--scheduler {self.name} cannot resume a run trained with '{state.get('name')}'"
+                f"`scheduler` {self.name} cannot resume a run trained with '{state.get('name')}'"
             )
         base_lrs = [float(lr) for lr in state["base_lrs"]]
         if len(base_lrs) != len(self.optimizer.param_groups):
@@ -255,17 +255,17 @@ def build_scheduler(
 ) -> LRSchedule:
     """The schedule for `--scheduler name`; the optimizer's current lr is the peak lr."""
     if name not in SCHEDULERS:
-        raise UsageError(f"--scheduler: unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
+        raise UsageError(f"`scheduler`: unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
     if epochs < 1 or steps_per_epoch < 1:
         raise UsageError(
             f"need epochs >= 1 and steps per epoch >= 1, got {epochs}, {steps_per_epoch}"
         )
     if warmup_epochs < 0:
-        raise UsageError(f"--warmup-epochs must be >= 0, got {warmup_epochs}")
+        raise UsageError(f"`warmup_epochs` must be >= 0, got {warmup_epochs}")
     if step_size < 1:
-        raise UsageError(f"--step-size must be >= 1, got {step_size}")
+        raise UsageError(f"`step_size` must be >= 1, got {step_size}")
     if not 0 < gamma <= 1:
-        raise UsageError(f"--gamma must be in (0, 1], got {gamma}")
+        raise UsageError(f"`gamma` must be in (0, 1], got {gamma}")
     if power <= 0 or min_lr < 0 or patience < 0:
         raise UsageError("power must be > 0, min_lr >= 0 and patience >= 0")
     return LRSchedule(

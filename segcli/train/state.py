@@ -4,7 +4,6 @@ resuming never unpickles anything."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from segcli.errors import UsageError
-from segcli.files import atomic_write
+from segcli.files import atomic_write, weights_digest
 
 if TYPE_CHECKING:
     from segcli.checkpoint import CheckpointInfo
@@ -54,12 +53,6 @@ def _int_keys(state: dict[str, Any]) -> dict[Any, Any]:
     return {int(k) if k.isdigit() else k: v for k, v in state.items()}
 
 
-def weights_digest(path: Path) -> str:
-    """sha256 of a weights file: the training state names the file it belongs with."""
-    with Path(path).open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def check_pair(checkpoint: Path, state: dict[str, Any], info: CheckpointInfo) -> None:
     """Refuse a checkpoint and training state that were not written together (a crash between
     the two writes, or one of the files replaced): the optimizer moments would not match the
@@ -93,7 +86,7 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise UsageError(
-            f"{path}: training state not found; --resume needs the last.safetensors of a run "
+            f"{path}: training state not found; `resume` needs the last.safetensors of a run "
             "folder with its last.state.safetensors beside it"
         )
     try:

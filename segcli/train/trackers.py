@@ -31,10 +31,10 @@ def tracker_names(spec: str | None) -> list[str]:
     names = [part.strip() for part in (spec or "").split(",") if part.strip()]
     for name in names:
         if name not in TRACKERS:
-            raise UsageError(f"--tracker {name}: unknown; valid: {', '.join(TRACKERS)}")
+            raise UsageError(f"`tracker` {name}: unknown; valid: {', '.join(TRACKERS)}")
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise UsageError(
-                f"--tracker {name}: the {TRACKERS[name]} package is not installed; "
+                f"`tracker` {name}: the {TRACKERS[name]} package is not installed; "
                 f"pip install 'segcli[{name}]'"
             )
     return names
@@ -177,7 +177,7 @@ class Trackers:
             try:
                 self.active.append(FACTORIES[name](run, config, config_toml))
             except Exception as error:  # any backend failure: the run goes on without it
-                warn(f"--tracker {name}: could not start ({_reason(error)}); training goes on")
+                warn(f"`tracker` {name}: could not start ({_reason(error)}); training goes on")
 
     def _each(self, call: Callable[[Tracker], None], what: str) -> None:
         for tracker in list(self.active):
@@ -185,7 +185,7 @@ class Trackers:
                 call(tracker)
             except Exception as error:
                 self.active.remove(tracker)
-                warn = f"--tracker {tracker.name}: failed to {what} ({_reason(error)}); dropped"
+                warn = f"`tracker` {tracker.name}: failed to {what} ({_reason(error)}); dropped"
                 self.warn(warn)
 
     def log_epoch(self, record: dict[str, Any], class_names: list[str]) -> None:

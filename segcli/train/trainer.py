@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import random
+import shutil
 import signal
 import time
 import uuid
@@ -109,6 +110,59 @@ def default_run_dir(config: TrainConfig, backbone: str) -> Path:
         number += 1
         candidate = base.with_name(f"{base.name}-{number}")
     return candidate
+
+
+# What a run writes into its folder; `overwrite` removes these and nothing else.
+RUN_OUTPUTS = (
+    "best.safetensors",
+    "last.safetensors",
+    "last.state.safetensors",
+    "metrics.jsonl",
+    "status.json",
+    "config.toml",
+    "split.json",
+    "curves.png",
+)
+
+
+def claim_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds another run (its checkpoints would be replaced
+    and its metrics mixed with the new run's), or with `overwrite` clear that run's files."""
+    if not any((out / name).is_file() for name in RUN_OUTPUTS[:4]):
+        return
+    if not overwrite:
+        records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+        held = f"a run of {records[-1]['epoch']} epoch(s)" if records else "a run"
+        raise UsageError(
+            f"{out} holds {held}; continue it with `resume` {out / 'last.safetensors'}, "
+            "replace it with `overwrite`, or give another `out`"
+        )
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for preview in out.glob("preview_*.png"):
+        preview.unlink()
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
+def check_same_model(config: TrainConfig, info: CheckpointInfo) -> None:
+    """A resumed run keeps the model its checkpoint holds: refuse an architecture, backbone,
+    input channels or model option given now that differs from it, instead of ignoring it
+    while config.toml records it."""
+    from segcli.models.registry import resolve_backbone
+
+    built = info.model
+    asked: dict[str, Any] = {"arch": config.arch, "in_channels": config.in_channels}
+    if config.backbone is not None:
+        asked["backbone"] = resolve_backbone(config.arch, config.backbone)
+    stored = {**model_options(info), **{key: built[key] for key in asked}}
+    asked |= config.model_options
+    for key, value in asked.items():
+        if key in stored and str(value) != str(stored[key]):
+            name = "architecture" if key == "arch" else f"`{key}`"
+            raise UsageError(
+                f"{name} {value} differs from the resumed run's {stored[key]}: a resumed run "
+                f"keeps its model; drop it, or start a new run with `out`"
+            )
 
 
 @contextlib.contextmanager
@@ -223,8 +277,8 @@ def check_crop(info: Any, crop: int, scale: float) -> None:
     if round(side * scale) < crop:
         largest = round(side * scale)
         raise UsageError(
-            f"--crop {crop} is larger than {path.name} ({side} px on its short side, "
-            f"{largest} at --scale {scale:g}); use --crop {largest} or less, or a larger --scale"
+            f"`crop` {crop} is larger than {path.name} ({side} px on its short side, "
+            f"{largest} at `scale` {scale:g}); use `crop` {largest} or less, or a larger `scale`"
         )
 
 
@@ -239,7 +293,7 @@ def build_criterion(config: TrainConfig, data: RunData, model_classes: int) -> n
             weights = [float(w) for w in config.class_weights.split(",")]
         except ValueError:
             raise UsageError(
-                f"--class-weights takes numbers like 1,2,5 or 'auto', not '{config.class_weights}'"
+                f"`class_weights` takes numbers like 1,2,5 or 'auto', not '{config.class_weights}'"
             ) from None
     return build_loss(
         config.loss,
@@ -351,6 +405,7 @@ class Trainer:
             mapping = ClassMapping.from_dict(info.classes)
             resume_state = load_training_state(state_path_for(config.resume))
             check_pair(Path(config.resume), resume_state, info)
+            check_same_model(config, info)
         from segcli.models import build_model
         from segcli.models.registry import resolve_backbone
 
@@ -358,6 +413,8 @@ class Trainer:
             self.out = Path(config.resume).parent
         elif config.out:
             self.out = Path(config.out)
+            if context.is_main:
+                claim_run_folder(self.out, config.overwrite)
         else:
             self.out = default_run_dir(config, resolve_backbone(config.arch, config.backbone))
         self.data = load_data(config, self.out, mapping)
@@ -385,7 +442,7 @@ class Trainer:
         if config.sync_bn and context.enabled:
             if self.device.type != "cuda":
                 raise UsageError(
-                    "--sync-bn needs CUDA devices; PyTorch's SyncBatchNorm has no CPU path"
+                    "`sync_bn` needs CUDA devices; PyTorch's SyncBatchNorm has no CPU path"
                 )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if self.precision.channels_last else None
@@ -482,21 +539,21 @@ class Trainer:
         config, context = self.config, self.context
         smallest = getattr(model, "min_train_batch", 1)
         if batch < smallest:
-            what = f"--batch-size {config.batch_size}"
+            what = f"`batch_size` {config.batch_size}"
             if batch < config.batch_size:
                 what = f"the training set's {len(self.data.train)} image(s)"
             raise UsageError(
                 f"{what}: {config.arch} trains on batches of at least {smallest} (a BatchNorm "
-                f"after global pooling sees one value per image); use --batch-size {smallest} "
+                f"after global pooling sees one value per image); use `batch_size` {smallest} "
                 "or more"
             )
         if context.enabled:
             shard = math.ceil(len(self.data.train) / context.world_size)
             if config.batch_size > shard:
                 raise UsageError(
-                    f"--batch-size {config.batch_size} is larger than each rank's shard of "
+                    f"`batch_size` {config.batch_size} is larger than each rank's shard of "
                     f"{shard} images ({len(self.data.train)} training images over "
-                    f"{context.world_size} processes); use --batch-size {shard} or less"
+                    f"{context.world_size} processes); use `batch_size` {shard} or less"
                 )
 
     @property
@@ -527,7 +584,7 @@ class Trainer:
             self.scheduler.plan_epochs(self.planned_epochs)
         if self.start_epoch >= self.config.epochs:
             raise UsageError(
-                f"--resume: the run already finished {self.start_epoch} epochs; raise --epochs "
+                f"`resume`: the run already finished {self.start_epoch} epochs; raise `epochs` "
                 "to train further"
             )
 
@@ -661,8 +718,8 @@ class Trainer:
                     )
                     raise RuntimeFailure(
                         f"{seen} at epoch {epoch + 1} step {step + 1}; "
-                        f"the last good checkpoint is kept in {self.out}; try a lower --lr, "
-                        "--clip-grad 1.0 or --amp off"
+                        f"the last good checkpoint is kept in {self.out}; try a lower `lr`, "
+                        "`clip_grad` 1.0 or `amp` off"
                     )
                 self.scaler.scale(loss / config.accum_steps).backward()
                 if (step + 1) % config.accum_steps == 0 or step + 1 == batches:
