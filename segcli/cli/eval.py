@@ -73,7 +73,7 @@ def eval_command(
     def announce(segmenter: Segmenter) -> None:
         if len(segmenter.checkpoints) > 1:
             print(f"seg: {as_flags(describe(segmenter.checkpoints))}", file=sys.stderr, flush=True)
-        if segmenter.runtime.reason.startswith("auto"):
+        if segmenter.runtime.automatic:
             print(f"seg: {describe_runtime(segmenter.runtime)}", file=sys.stderr, flush=True)
 
     result = evaluate_checkpoint(

@@ -198,7 +198,7 @@ def predict(
     )
     if len(segmenter.checkpoints) > 1:
         _report(streams.log, describe_ensemble(segmenter.checkpoints))
-    if segmenter.runtime.reason.startswith("auto"):
+    if segmenter.runtime.automatic:
         _report(streams.log, describe_runtime(segmenter.runtime))
     predictor = Predictor(segmenter, options)
     writer = PredictionWriter(segmenter, options, streams)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from segcli.cli._options import Amp, Device, Overlap, Threshold, Tile, Tta
+from segcli.cli._options import Amp, Device, Overlap, Runtime, Threshold, Tile, Tta
 from segcli.errors import UsageError
 
 SERVER_PANEL = "Server"
@@ -79,6 +79,7 @@ def serve(
     tta: Tta = False,
     device: Device = "auto",
     amp: Amp = "auto",
+    runtime: Runtime = "auto",
 ) -> None:
     """Serve a model over HTTP until Ctrl-C.
 
@@ -106,11 +107,16 @@ def serve(
         checkpoint,
         device=device,
         amp=amp,
+        runtime=runtime,
         tta=tta,
         tile=tile,
         overlap=overlap,
         threshold=threshold,
     )
+    if segmenter.runtime.automatic:
+        from segcli.infer.runtimes import describe_runtime
+
+        print(f"seg: serve: {describe_runtime(segmenter.runtime)}", file=sys.stderr, flush=True)
     listener = _bind(host, port)
     bound = listener.getsockname()[1]
     server = uvicorn.Server(

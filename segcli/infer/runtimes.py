@@ -43,6 +43,11 @@ class RuntimeChoice:
     reason: str
     onnx: Path | None = None  # the export it runs, for onnxruntime and OpenVINO
 
+    @property
+    def automatic(self) -> bool:
+        """Chosen by `auto`: the CLI says which runtime it picked."""
+        return self.reason.startswith("auto")
+
 
 def installed(runtime: str) -> bool:
     if runtime == "torch":
