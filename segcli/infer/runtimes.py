@@ -5,9 +5,9 @@ The export is made once, checked against PyTorch by `seg export`'s own check, an
 run's `cache/` folder (the user cache when that folder is read-only), named by the checkpoint's
 digest, the shape policy and the runtime's version: a retrained checkpoint or an upgraded
 runtime gets a new file, anything else reuses it. `auto` times the runtimes this host has on
-the checkpoint once (a few forwards at its input size), keeps the fastest and records the
-choice beside the export, keyed by the CPU, so the next call on this host kind decides at no
-cost."""
+the checkpoint once (one warm-up and three forwards each, round-robin, at its input size),
+keeps the fastest and records the choice beside the export, keyed by the CPU, so the next call
+on this host kind decides at no cost."""
 
 from __future__ import annotations
 
@@ -182,23 +182,25 @@ def _measured_choice(
             runners[name] = load_exported(name, exports[name], torch.device("cpu"))[0]
         except (RuntimeFailure, UsageError):
             continue  # a model this exporter cannot take runs on torch
-    seconds = {name: _time_forward(run, example) for name, run in runners.items()}
+    # Round-robin, best of three each: load from elsewhere on the host drifts over seconds, and
+    # timing one runtime after the other would charge the drift to whichever ran during it.
+    with torch.inference_mode():
+        for run in runners.values():
+            run(example)  # warm-up: allocation, kernel selection, graph planning
+        seconds = dict.fromkeys(runners, float("inf"))
+        for _ in range(3):
+            for name, run in runners.items():
+                seconds[name] = min(seconds[name], _time_forward(run, example))
     name = min(seconds, key=seconds.__getitem__)
     record = {"host": host, "versions": versions, "runtime": name, "seconds": seconds}
     record_path.write_text(json.dumps(record, indent=2))
     return RuntimeChoice(name, _describe(seconds, name, cached=False), exports.get(name))
 
 
-def _time_forward(run: Any, example: torch.Tensor, repeats: int = 3) -> float:
-    """Best of `repeats` forwards after one warm-up (the first call allocates and plans)."""
-    with torch.inference_mode():
-        run(example)
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run(example)
-            best = min(best, time.perf_counter() - started)
-    return best
+def _time_forward(run: Any, example: torch.Tensor) -> float:
+    started = time.perf_counter()
+    run(example)
+    return time.perf_counter() - started
 
 
 def _describe(seconds: dict[str, float], name: str, *, cached: bool) -> str:
