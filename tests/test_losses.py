@@ -106,6 +106,40 @@ def test_lovasz_softmax_hand_value():
 # Reference equalities
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lovasz_softmax_at_hard_predictions_is_one_minus_iou(seed):
+    # The Lovász extension equals the set function on the cube's vertices: with (nearly)
+    # one-hot probabilities, Lovász-softmax is the mean of 1 - IoU over the classes present in
+    # target or prediction, counted from the hard masks (an independent reference). Catches a
+    # sort in the wrong order, a wrong Lovász gradient, or present classes skipped.
+    generator = torch.Generator().manual_seed(seed)
+    prediction = torch.randint(0, 4, (2, 5, 6), generator=generator)
+    prediction[prediction == 3] = 2  # class 3: in neither target nor prediction
+    target = torch.randint(0, 3, (2, 5, 6), generator=generator)
+    target[0, 0, 0] = 1
+    logits = F.one_hot(prediction, 4).permute(0, 3, 1, 2).float() * 60.0
+    ious = []
+    for c in range(4):
+        hit, truth = prediction == c, target == c
+        union = (hit | truth).sum().item()
+        if union:
+            ious.append((hit & truth).sum().item() / union)
+    expected = 1 - sum(ious) / len(ious)
+    assert make("lovasz", 4)(logits, target).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_class_of_one_missed_pixel_counts_as_present():
+    # Catches "present" tested as more than one pixel: class 1 has a single target pixel and is
+    # never predicted, so its Dice is 0 and it weighs in the mean.
+    logits = torch.tensor([[4.0, 4.0, 4.0], [0.0, 0.0, 0.0]]).reshape(1, 2, 1, 3)
+    target = torch.tensor([[[0, 0, 1]]])
+    probs = logits.softmax(1)[0, :, 0]
+    dice0 = 2 * probs[0, :2].sum() / (probs[0].sum() + 2)
+    dice1 = 2 * probs[1, 2] / (probs[1].sum() + 1)
+    expected = 1 - (dice0 + dice1).item() / 2
+    assert make("dice", 2)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("num_classes", [1, 4])
 def test_focal_gamma_zero_equals_cross_entropy(num_classes):
     torch.manual_seed(1)

@@ -143,15 +143,42 @@ def test_all_empty_gives_nan_and_json_gives_null():
     assert json.loads(document)["iou"] == [None, None]
 
 
-def test_invalid_inputs_raise():
+def test_invalid_inputs_raise_saying_what_is_wrong():
+    # Catches a wrong input counted instead of refused, or refused with a message that does
+    # not say which shape or range was expected.
     cm = ConfusionMatrix(3)
-    with pytest.raises(ValueError, match="outside"):
-        cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 3))
-    with pytest.raises(ValueError):
-        cm.update(torch.full((1, 2, 2), 3), torch.zeros(1, 2, 2, dtype=torch.long))
-    with pytest.raises(ValueError):
-        cm.update(torch.randn(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+    target = torch.zeros(1, 2, 2, dtype=torch.long)
+    cases = [
+        (torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 3), "outside 0..2"),
+        (torch.full((1, 2, 2), 3), target, r"class indices in 0\.\.2"),
+        (torch.randn(1, 4, 2, 2), target, "logits have 4 classes, expected 3"),
+        (torch.randn(1, 1, 2, 2), target, "one-logit outputs are scored as 2 classes"),
+        (torch.randn(4, 2, 2), target, r"logits must be N x C x H x W, got \(4, 2, 2\)"),
+        (torch.zeros(2, 2, dtype=torch.long), target, r"predictions must be N x H x W"),
+        (torch.zeros(1, 3, 3, dtype=torch.long), target, r"predictions \(1, 3, 3\) and target"),
+    ]
+    for preds, truth, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cm.update(preds, truth)
     assert int(cm.matrix.sum()) == 0
+    with pytest.raises(ValueError, match="at least 2 scored classes, got 1"):
+        ConfusionMatrix(1)
+    for other in (ConfusionMatrix(4), ConfusionMatrix(3, ignore_index=0)):
+        with pytest.raises(ValueError, match="different classes/ignore_index"):
+            cm.merge(other)
+
+
+def test_json_keeps_every_defined_score_and_nulls_only_the_undefined():
+    # Catches a JSON conversion that nulls defined values (or keeps NaN, which strict JSON
+    # refuses): class 2 never occurs, classes 0 and 1 have hand-computed scores.
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([[[0, 0, 1, 1]]]), torch.tensor([[[0, 1, 1, 1]]]))
+    document = json.loads(json.dumps(cm.to_json(), allow_nan=False))
+    assert document["iou"] == [pytest.approx(1 / 2), pytest.approx(2 / 3), None]
+    assert document["precision"] == [pytest.approx(1 / 2), 1.0, None]
+    assert document["recall"] == [1.0, pytest.approx(2 / 3), None]
+    assert document["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert document["pixel_acc"] == pytest.approx(3 / 4)
 
 
 def _reduce_on_rank(rank: int, store: str, out: str) -> None:

@@ -1,0 +1,140 @@
+"""The class mapping a checkpoint stores and a dataset's class table: stored settings read back
+exactly, tables in CSV parsed column by column, colour masks decoded pixel by pixel, and the
+one-line errors that name what is wrong."""
+
+import numpy as np
+import pytest
+
+from segcli.data.classes import ClassMapping, read_class_table
+from segcli.errors import UsageError
+
+
+def test_a_stored_mapping_reads_back_with_every_setting():
+    # Catches from_dict dropping or defaulting a field a checkpoint holds (palette, raw values,
+    # ignore colours, the foreground value, ignore rules): eval and predict would then read
+    # masks differently from training.
+    mapping = ClassMapping(
+        kind="index",
+        names=["road", "car"],
+        palette=[(1, 2, 3), (4, 5, 6)],
+        values=[7, 9],
+        ignore_index=250,
+        ignore_colors=[(9, 9, 9)],
+        foreground_value=9,
+        ignore_values=[11, 12],
+        ignore_unlisted=True,
+        reduce_zero_label=True,
+    )
+    again = ClassMapping.from_dict(mapping.to_dict())
+    assert again.to_dict() == mapping.to_dict()
+    assert (again.kind, again.names, again.values) == ("index", ["road", "car"], [7, 9])
+    assert again.palette == [(1, 2, 3), (4, 5, 6)] and again.ignore_colors == [(9, 9, 9)]
+    assert (again.ignore_index, again.foreground_value) == (250, 9)
+    assert again.ignore_values == [11, 12]
+    assert again.ignore_unlisted is True and again.reduce_zero_label is True
+
+
+def test_a_mapping_stored_before_the_ignore_settings_existed_reads_with_their_defaults():
+    # Catches defaults that differ from a fresh mapping's: a checkpoint of an earlier version
+    # (only kind and names stored) must decode masks as it did when it was trained.
+    old = ClassMapping.from_dict({"kind": "index", "names": ["a", "b", "c"]})
+    fresh = ClassMapping(kind="index", names=["a", "b", "c"])
+    assert old.to_dict() == fresh.to_dict()
+    assert old.ignore_index == 255 and old.values is None and old.ignore_values == []
+    assert old.ignore_unlisted is False and old.reduce_zero_label is False
+    raw = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(old.encode(raw), [[0, 1], [2, 255]])
+
+
+def test_an_unknown_value_names_the_file_the_value_and_what_the_mapping_knows():
+    # Catches an error that names neither the mask nor the offending value, or lists the
+    # wrong known values (the user is told what to fix).
+    indexed = ClassMapping(kind="index", names=["a", "b", "c"])
+    with pytest.raises(UsageError) as raised:
+        indexed.encode(np.array([[0, 7]], dtype=np.uint8), "m/x.png")
+    message = str(raised.value)
+    assert message.startswith("m/x.png: value 7 maps to no class")
+    assert "index masks, classes 0..2, 255 = ignore" in message
+    valued = ClassMapping(kind="index", names=["a", "b"], values=[10, 20])
+    with pytest.raises(UsageError, match=r"values 10, 20, 255 = ignore"):
+        valued.encode(np.array([[10, 30]], dtype=np.uint8), "y.png")
+    binary = ClassMapping(kind="binary", names=["background", "foreground"])
+    with pytest.raises(UsageError) as raised:
+        binary.encode(np.array([[0, 3]], dtype=np.uint8), "b.png")
+    assert "= ignore" not in str(raised.value) and "value 3" in str(raised.value)
+
+
+def test_colour_masks_decode_pixel_by_pixel_and_name_an_unknown_colour():
+    # Catches a colour key built from the wrong channels or shifts (two colours colliding),
+    # ignore colours not mapped to the ignore index, and an error without the colour.
+    mapping = ClassMapping(
+        kind="rgb",
+        names=["a", "b", "c"],
+        palette=[(0, 0, 0), (255, 0, 0), (0, 0, 255)],
+        ignore_colors=[(255, 255, 255)],
+    )
+    mask = np.array([[[0, 0, 0], [255, 0, 0]], [[0, 0, 255], [255, 255, 255]]], dtype=np.uint8)
+    np.testing.assert_array_equal(mapping.encode(mask), [[0, 1], [2, 255]])
+    with_alpha = np.concatenate([mask, np.full((2, 2, 1), 255, np.uint8)], axis=2)
+    np.testing.assert_array_equal(mapping.encode(with_alpha), [[0, 1], [2, 255]])
+    with pytest.raises(UsageError, match=r"c\.png: colour \(0, 255, 0\) maps to no class"):
+        mapping.encode(np.array([[[0, 255, 0]]], dtype=np.uint8), "c.png")
+    with pytest.raises(UsageError, match="single-channel"):
+        mapping.encode(np.zeros((2, 2), np.uint8), "g.png")
+
+
+def test_csv_tables_read_values_names_colours_and_ignore_rows(tmp_path):
+    # Catches a CSV reader that loses the value column (classes renumbered), reads colours
+    # from the wrong columns, keeps an ignore row as a class, or calls 0..K-1 values custom.
+    table = tmp_path / "classes.csv"
+    table.write_text(
+        "Value,Name,R,G,B,ignore\n0,sky,10,20,30,\n5, road ,40,50,60,no\n9,void,0,0,0,yes\n"
+        "7,car,70,80,90,\n"
+    )
+    read = read_class_table(table)
+    assert read.names == ["sky", "road", "car"]
+    assert read.values == [0, 5, 7]
+    assert read.colors == [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
+    assert read.ignore_values == [9]
+    hex_colours = tmp_path / "hex.csv"
+    hex_colours.write_text("name,color\nsky,#0a141e\nroad,28323C\n")
+    read = read_class_table(hex_colours)
+    assert read.values is None  # 0..K-1 in order: plain class indices
+    assert read.colors == [(10, 20, 30), (40, 50, 60)]
+    names_only = tmp_path / "names.csv"
+    names_only.write_text("value\n3\n1\n")
+    assert read_class_table(names_only).names == ["3", "1"]
+    assert read_class_table(names_only).values == [3, 1]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "no classes"),
+        ("id,label\n1,a\n", "'name' or 'value' column"),
+        ("value,name,ignore\n1,a,yes\n", "every row is an ignore row"),
+        ("value,name\nx,a\n", "bad value 'x'"),
+        ("name,color\na,#12345\n", "bad colour"),
+        ("name,r,g,b\na,1,2,300\n", "bad colour"),
+    ],
+)
+def test_bad_csv_tables_are_one_line_naming_the_file(tmp_path, text, fragment):
+    # Catches a malformed table read as something else (a class named 'x', a colour wrapped
+    # past 255) instead of refused with the file and the fix.
+    table = tmp_path / "classes.csv"
+    table.write_text(text)
+    with pytest.raises(UsageError) as raised:
+        read_class_table(table)
+    message = str(raised.value)
+    assert message.startswith(str(table)) and fragment in message and "\n" not in message
+
+
+def test_text_tables_skip_blank_lines_and_labelmes_ignore_entry(tmp_path):
+    # Catches labelme's "__ignore__" counted as class 0 (every class shifted by one).
+    table = tmp_path / "labels.txt"
+    table.write_text("__ignore__\n\n_background_\n  cat \ndog\n")
+    assert read_class_table(table).names == ["_background_", "cat", "dog"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n__ignore__\n")
+    with pytest.raises(UsageError, match="no class names"):
+        read_class_table(empty)
