@@ -193,6 +193,8 @@ def load_model(
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise UsageError(f"{path}: weights do not fit {spec['arch']} ({first})") from None
+        # torch's first line only says "Error(s) in loading state_dict"; the next names keys.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:200]
+        raise UsageError(f"{path}: weights do not fit {spec['arch']} ({detail})") from None
     return model.to(device).eval(), info

@@ -123,3 +123,51 @@ def test_files_that_are_not_segcli_checkpoints_are_one_line_errors(tmp_path, wri
     assert message.startswith(str(path)) and fragment in message and "\n" not in message
     with pytest.raises(UsageError, match="no such checkpoint file"):
         read_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_a_model_with_non_default_options_rebuilds_from_its_checkpoint(tmp_path):
+    # Catches load_model building the architecture's defaults instead of the stored options
+    # (bilinear upsampling and a custom decoder would not fit the default model's weights).
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", 3, 2, up="bilinear", decoder_channels="64,32,16,8")
+    path = tmp_path / "custom.safetensors"
+    save_checkpoint(path, model.eval(), small_info(model))
+    rebuilt, _ = load_model(path)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
+    mismatched = small_info(build_model("unet", "resnet18", 3, 2))
+    save_checkpoint(path, model, mismatched)  # weights of one model under another's description
+    with pytest.raises(UsageError) as raised:
+        load_model(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: weights do not fit unet (") and "\n" not in message
+    assert "Missing key" in message or "Unexpected key" in message or "size mismatch" in message
+
+
+def test_metadata_of_an_older_file_reads_with_the_defaults_it_was_written_under():
+    # Catches defaults for absent keys that differ from what older versions wrote implicitly:
+    # ignore index 255, empty config and metrics, epoch 0, an unknown version.
+    minimal = {
+        "format": "segcli-checkpoint/1",
+        "model": {"arch": "unet", "backbone": "none", "in_channels": 3, "classes": 2},
+        "classes": {"kind": "index", "names": ["a", "b"]},
+        "input_size": [32, 32],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+    info = CheckpointInfo.from_json(json.dumps(minimal))
+    assert (info.ignore_index, info.config, info.metrics, info.epoch) == (255, {}, {}, 0)
+    assert info.version == "unknown" and info.write_id is None and info.inference is None
+    with pytest.raises(ValueError, match="unknown checkpoint format 'other/2'"):
+        CheckpointInfo.from_json(json.dumps({**minimal, "format": "other/2"}))
+
+
+def test_metadata_is_strict_json(tmp_path):
+    # Catches NaN written into the metadata (strict JSON readers, and other languages'
+    # safetensors libraries, refuse it) and paths in the config left unserialisable.
+    model = build_model("unet", "none", 3, 2)
+    info = small_info(model, config={"data": tmp_path})
+    assert json.loads(info.to_json())["config"] == {"data": str(tmp_path)}
+    with pytest.raises(ValueError):
+        small_info(model, metrics={"miou": float("nan")}).to_json()

@@ -2,10 +2,17 @@
 exactly, tables in CSV parsed column by column, colour masks decoded pixel by pixel, and the
 one-line errors that name what is wrong."""
 
+import json
+
 import numpy as np
 import pytest
 
-from segcli.data.classes import ClassMapping, read_class_table
+from segcli.data.classes import (
+    ClassMapping,
+    default_palette,
+    parse_ignore_values,
+    read_class_table,
+)
 from segcli.errors import UsageError
 
 
@@ -138,3 +145,151 @@ def test_text_tables_skip_blank_lines_and_labelmes_ignore_entry(tmp_path):
     empty.write_text("\n__ignore__\n")
     with pytest.raises(UsageError, match="no class names"):
         read_class_table(empty)
+
+
+def test_the_default_palette_is_the_pascal_voc_colour_map():
+    # The published VOC colours (devkit's labelcolormap): catches a bit shifted into the wrong
+    # channel or order, which would draw VOC masks in other colours than their own PNGs.
+    voc = default_palette(256)
+    assert voc[:9] == [
+        (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128),
+        (128, 0, 128), (0, 128, 128), (128, 128, 128), (64, 0, 0),
+    ]  # fmt: skip
+    assert voc[15] == (192, 128, 128) and voc[20] == (0, 64, 128)  # person, tvmonitor
+    assert voc[255] == (224, 224, 192)  # the border colour of VOC's masks
+    assert len(set(voc)) == 256
+
+
+def test_json_tables_read_values_colours_and_ignore_entries(tmp_path):
+    # Catches ignore entries kept as classes, a single ignore colour read as three numbers,
+    # a scalar ignore_values refused, values defaulted wrongly, and 0..K-1 called custom.
+    table = tmp_path / "classes.json"
+    table.write_text(
+        json.dumps(
+            {
+                "classes": [
+                    {"name": "sky", "value": 3, "color": "#0a141e"},
+                    {"name": "void", "value": 9, "color": [1, 1, 1], "ignore": True},
+                    {"name": "road", "value": 5, "color": [40, 50, 60]},
+                ],
+                "ignore_color": [255, 255, 255],
+                "ignore_values": 11,
+            }
+        )
+    )
+    read = read_class_table(table)
+    assert read.names == ["sky", "road"] and read.values == [3, 5]
+    assert read.colors == [(10, 20, 30), (40, 50, 60)]
+    assert read.ignore_colors == [(255, 255, 255), (1, 1, 1)]
+    assert read.ignore_values == [11, 9]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(["a", {"name": "b"}, {"name": "c", "value": 2}]))
+    read = read_class_table(plain)
+    assert read.names == ["a", "b", "c"] and read.values is None and read.colors is None
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps({"classes": ["a"], "ignore_colors": [[1, 2, 3], "#040506"]}))
+    assert read_class_table(several).ignore_colors == [(1, 2, 3), (4, 5, 6)]
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        ("{", "not a readable JSON class table"),
+        ('{"classes": []}', "expected a list of classes"),
+        ('{"names": ["a"]}', "expected a list of classes"),
+        ('[{"value": 1}]', "class 0 needs a 'name'"),
+        ('["a", 3]', "class 1 needs a 'name'"),
+        ('[{"name": "void", "ignore": true}, "a"]', "ignore entry 'void' needs a 'value'"),
+        ('[{"name": "a", "color": [0, 0, 0]}, "b"]', "a 'color' for every class or for none"),
+        ('[{"name": "void", "value": 1, "ignore": true}]', "every entry is an ignore entry"),
+        ('[{"name": "a", "value": "x"}]', "bad value 'x'"),
+        ('{"classes": ["a"], "ignore_values": ["z"]}', "bad ignore value 'z'"),
+    ],
+)
+def test_bad_json_tables_are_one_line_naming_the_file(tmp_path, document, fragment):
+    table = tmp_path / "classes.json"
+    table.write_text(document)
+    with pytest.raises(UsageError) as raised:
+        read_class_table(table)
+    message = str(raised.value)
+    assert message.startswith(str(table)) and fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [("11", [11]), (" 0, 11 ", [0, 11]), ("", []), (None, []), ([5, 3], [5, 3]), ("7,", [7])],
+)
+def test_ignore_values_parse_as_raw_mask_values(text, values):
+    assert parse_ignore_values(text) == values
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("x1", "give raw mask values"), ("70000", "0..65535"), ("-1", "0..65535")],
+)
+def test_bad_ignore_values_name_the_setting(text, fragment):
+    with pytest.raises(UsageError) as raised:
+        parse_ignore_values(text)
+    assert str(raised.value).startswith(f"`ignore_values` {text}:") and fragment in str(
+        raised.value
+    )
+
+
+def test_a_mapping_checks_itself_and_completes_its_palette():
+    # Catches an unknown kind or no classes accepted, a short palette left short (colour
+    # masks of the last classes undrawable), ignore values unsorted or repeated, and a value
+    # that is both a class and ignored accepted silently.
+    with pytest.raises(UsageError, match="unknown mask kind 'jpeg'"):
+        ClassMapping(kind="jpeg", names=["a"])
+    with pytest.raises(UsageError, match="at least one class"):
+        ClassMapping(kind="index", names=[])
+    mapping = ClassMapping(
+        kind="index", names=["a", "b", "c"], palette=[[9, 9, 9]], ignore_values=[12, 11, 12]
+    )
+    assert mapping.palette == [(9, 9, 9), *default_palette(3)[1:]]
+    assert mapping.ignore_values == [11, 12]
+    trimmed = ClassMapping(kind="index", names=["a"], palette=[(1, 2, 3), (4, 5, 6)])
+    assert trimmed.palette == [(1, 2, 3)]
+    with pytest.raises(UsageError, match=r"value 5 is both class 'road' and ignored"):
+        ClassMapping(kind="index", names=["sky", "road"], values=[4, 5], ignore_values=[5, 6])
+    assert ClassMapping(kind="rgb", names=["a"], ignore_values=[0]).ignore_values == [0]
+
+
+def test_describe_names_the_kind_classes_and_every_ignore_rule():
+    mapping = ClassMapping(
+        kind="palette",
+        names=["a", "b"],
+        ignore_values=[11],
+        ignore_unlisted=True,
+        reduce_zero_label=True,
+    )
+    assert mapping.describe() == (
+        "palette masks, 2 classes: a, b; also ignored: 11, any value of no class; "
+        "raw k is class k-1 (reduce-zero-label)"
+    )
+    assert ClassMapping(kind="index", names=["a"]).describe() == "index masks, 1 classes: a"
+
+
+def test_value_masks_decode_through_ignore_rules_and_refuse_what_no_rule_covers():
+    # Catches the lookup table built for the wrong dtype range (16-bit values), ignore values
+    # or unlisted values not mapped to the ignore index, a gray mask saved as RGB refused,
+    # boolean masks read as 0/1 instead of 0/255, and float masks accepted.
+    mapping = ClassMapping(kind="index", names=["a", "b"], values=[0, 1000], ignore_values=[7])
+    mask16 = np.array([[0, 1000], [7, 255]], dtype=np.uint16)
+    np.testing.assert_array_equal(mapping.encode(mask16), [[0, 1], [255, 255]])
+    with pytest.raises(UsageError, match="value 3 maps to no class"):
+        mapping.encode(np.array([[0, 3]], dtype=np.uint16))
+    unlisted = ClassMapping(kind="index", names=["a", "b"], ignore_unlisted=True)
+    np.testing.assert_array_equal(unlisted.encode(np.array([[1, 9]], np.uint8)), [[1, 255]])
+    gray_rgb = np.stack([np.array([[0, 1]], np.uint8)] * 3, axis=2)
+    np.testing.assert_array_equal(unlisted.encode(gray_rgb), [[0, 1]])
+    with pytest.raises(UsageError, match="is a colour mask but the dataset's masks are index"):
+        unlisted.encode(np.array([[[0, 1, 0]]], np.uint8), "c.png")
+    binary = ClassMapping(kind="binary", names=["background", "foreground"], values=[0, 255])
+    np.testing.assert_array_equal(binary.encode(np.array([[False, True]])), [[0, 1]])
+    with pytest.raises(UsageError, match="float32 values; masks must hold integers"):
+        binary.encode(np.zeros((1, 2), np.float32))
+    with pytest.raises(UsageError, match="value -1 maps to no class"):
+        mapping.encode(np.array([[-1, 0]], dtype=np.int32))
+    with pytest.raises(UsageError, match="value 70000 maps to no class"):
+        mapping.encode(np.array([[70000]], dtype=np.int32))

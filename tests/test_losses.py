@@ -113,19 +113,36 @@ def test_lovasz_softmax_at_hard_predictions_is_one_minus_iou(seed):
     # target or prediction, counted from the hard masks (an independent reference). Catches a
     # sort in the wrong order, a wrong Lovász gradient, or present classes skipped.
     generator = torch.Generator().manual_seed(seed)
-    prediction = torch.randint(0, 4, (2, 5, 6), generator=generator)
-    prediction[prediction == 3] = 2  # class 3: in neither target nor prediction
-    target = torch.randint(0, 3, (2, 5, 6), generator=generator)
-    target[0, 0, 0] = 1
-    logits = F.one_hot(prediction, 4).permute(0, 3, 1, 2).float() * 60.0
+    # Classes 0, 1, 3 in both; 2 in neither (skipped, with classes after it still counted);
+    # 4 only in the target (counted, IoU 0).
+    prediction = torch.tensor([0, 1, 3])[torch.randint(0, 3, (2, 5, 6), generator=generator)]
+    target = torch.tensor([0, 1, 3])[torch.randint(0, 3, (2, 5, 6), generator=generator)]
+    target[0, 0, 0] = 4
+    logits = F.one_hot(prediction, 5).permute(0, 3, 1, 2).float() * 60.0
     ious = []
-    for c in range(4):
+    for c in range(5):
         hit, truth = prediction == c, target == c
         union = (hit | truth).sum().item()
         if union:
             ious.append((hit & truth).sum().item() / union)
     expected = 1 - sum(ious) / len(ious)
-    assert make("lovasz", 4)(logits, target).item() == pytest.approx(expected, abs=1e-5)
+    assert make("lovasz", 5)(logits, target).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_binary_foreground_counts_when_only_predicted_or_only_one_pixel_labelled():
+    # Catches the one-logit "present" rule written as target AND prediction, or as more than
+    # one pixel, or counting an ignored pixel's prediction: an all-background target with one
+    # pixel predicted foreground, and one labelled pixel never predicted, each give a
+    # foreground Dice of 0 (loss 1); foreground predicted only on an ignored pixel is absent.
+    logits, target = binary_input([0.2, 0.9, 0.1], [0, 0, 0])
+    assert make("dice", 1)(logits, target).item() == pytest.approx(1.0, abs=1e-6)
+    logits, target = binary_input([0.3, 0.4, 0.9], [0, 0, IGNORE])
+    assert make("dice", 1)(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+    logits, target = binary_input([0.2, 0.3, 0.1], [0, 1, 0])
+    expected = 1 - 2 * 0.3 / (0.2 + 0.3 + 0.1 + 1)
+    assert make("dice", 1)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    logits, target = binary_input([0.2, 0.3], [0, 0])  # nothing labelled, nothing predicted
+    assert make("dice", 1)(logits, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_class_of_one_missed_pixel_counts_as_present():
@@ -328,6 +345,32 @@ def test_construction_errors():
         build_loss("wce", num_classes=3, class_weights=[1, 2])
     with pytest.raises(UsageError, match="needs 2"):
         build_loss("wce", num_classes=1, class_weights=[1])
+
+
+def test_settings_at_their_limits_are_accepted_and_past_them_refused():
+    # Catches validity ranges drawn one step too tight or too loose: focal alpha is a weight in
+    # [0, 1]; Tversky's alpha and beta may each be 0 but not both; class weights are finite and
+    # non-negative (0 is what --class-weights auto gives a class with no pixels).
+    for alpha in (0.0, 1.0):
+        make("focal", 3, focal_alpha=alpha)
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(UsageError, match="`focal_alpha`"):
+            make("focal", 3, focal_alpha=alpha)
+    for alpha, beta in ((0.0, 1.0), (1.0, 0.0)):
+        make("tversky", 3, tversky_alpha=alpha, tversky_beta=beta)
+    for alpha, beta in ((0.0, 0.0), (-0.5, 1.0), (1.0, -0.5)):
+        with pytest.raises(UsageError, match="must be >= 0 and not both 0"):
+            make("tversky", 3, tversky_alpha=alpha, tversky_beta=beta)
+    build_loss("wce", num_classes=2, ignore_index=IGNORE, class_weights=[1.0, 0.0])
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(UsageError, match="`class_weights` needs 2 non-negative numbers"):
+            build_loss("wce", num_classes=2, ignore_index=IGNORE, class_weights=[1.0, bad])
+    with pytest.raises(UsageError, match="`focal_gamma` must be >= 0"):
+        make("focal", 3, focal_gamma=-1.0)
+
+
+def test_median_frequency_weights_of_a_single_labelled_pixel():
+    assert median_frequency_weights([1, 0]) == [1.0, 0.0]
 
 
 def test_median_frequency_weights():

@@ -124,6 +124,22 @@ def test_resume_refuses_a_change_of_model_with_one_line(first_epoch, seg):
     assert "--up" in result.stderr
 
 
+def test_sync_bn_on_cpu_ranks_refuses_before_any_work(tmp_path, monkeypatch):
+    # The fast form of the 2-process test below: rank 0 of a world of 2 on CPU refuses
+    # --sync-bn (PyTorch's SyncBatchNorm has no CPU path) before writing anything.
+    import segcli.train.trainer as trainer_module
+    from segcli.errors import UsageError
+    from segcli.train.distributed import DistContext
+
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda device: DistContext(0, 2, 0))
+    out = tmp_path / "run"
+    config = TrainConfig(arch="unet", size="32", epochs=1, workers=0, sync_bn=True, out=str(out))
+    with pytest.raises(UsageError, match="`sync_bn` needs CUDA devices"):
+        Trainer(config).run()
+    assert not (out / "last.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_sync_bn_on_two_cpu_processes_refuses_before_training(tmp_path):
     # Catches --sync-bn on CPU ranks reaching PyTorch's SyncBatchNorm, which has no CPU path:
     # a traceback from every rank mid-epoch instead of one line and exit 2 before any work.
