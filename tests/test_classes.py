@@ -114,28 +114,6 @@ def test_csv_tables_read_values_names_colours_and_ignore_rows(tmp_path):
     assert read_class_table(names_only).values == [3, 1]
 
 
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("", "no classes"),
-        ("id,label\n1,a\n", "'name' or 'value' column"),
-        ("value,name,ignore\n1,a,yes\n", "every row is an ignore row"),
-        ("value,name\nx,a\n", "bad value 'x'"),
-        ("name,color\na,#12345\n", "bad colour"),
-        ("name,r,g,b\na,1,2,300\n", "bad colour"),
-    ],
-)
-def test_bad_csv_tables_are_one_line_naming_the_file(tmp_path, text, fragment):
-    # Catches a malformed table read as something else (a class named 'x', a colour wrapped
-    # past 255) instead of refused with the file and the fix.
-    table = tmp_path / "classes.csv"
-    table.write_text(text)
-    with pytest.raises(UsageError) as raised:
-        read_class_table(table)
-    message = str(raised.value)
-    assert message.startswith(str(table)) and fragment in message and "\n" not in message
-
-
 def test_text_tables_skip_blank_lines_and_labelmes_ignore_entry(tmp_path):
     # Catches labelme's "__ignore__" counted as class 0 (every class shifted by one).
     table = tmp_path / "labels.txt"
@@ -192,23 +170,35 @@ def test_json_tables_read_values_colours_and_ignore_entries(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("document", "fragment"),
+    ("name", "text", "fragment"),
     [
-        ("{", "not a readable JSON class table"),
-        ('{"classes": []}', "expected a list of classes"),
-        ('{"names": ["a"]}', "expected a list of classes"),
-        ('[{"value": 1}]', "class 0 needs a 'name'"),
-        ('["a", 3]', "class 1 needs a 'name'"),
-        ('[{"name": "void", "ignore": true}, "a"]', "ignore entry 'void' needs a 'value'"),
-        ('[{"name": "a", "color": [0, 0, 0]}, "b"]', "a 'color' for every class or for none"),
-        ('[{"name": "void", "value": 1, "ignore": true}]', "every entry is an ignore entry"),
-        ('[{"name": "a", "value": "x"}]', "bad value 'x'"),
-        ('{"classes": ["a"], "ignore_values": ["z"]}', "bad ignore value 'z'"),
+        ("classes.csv", "", "no classes"),
+        ("classes.csv", "id,label\n1,a\n", "'name' or 'value' column"),
+        ("classes.csv", "value,name,ignore\n1,a,yes\n", "every row is an ignore row"),
+        ("classes.csv", "value,name\nx,a\n", "bad value 'x'"),
+        ("classes.csv", "name,color\na,#12345\n", "bad colour"),
+        ("classes.csv", "name,r,g,b\na,1,2,300\n", "bad colour"),
+        ("classes.json", "{", "not a readable JSON class table"),
+        ("classes.json", '{"classes": []}', "expected a list of classes"),
+        ("classes.json", '{"names": ["a"]}', "expected a list of classes"),
+        ("classes.json", '[{"value": 1}]', "class 0 needs a 'name'"),
+        ("classes.json", '["a", 3]', "class 1 needs a 'name'"),
+        ("classes.json", '[{"name": "void", "ignore": true}, "a"]', "'void' needs a 'value'"),
+        ("classes.json", '[{"name": "a", "color": [0, 0, 0]}, "b"]', "for every class or for none"),
+        (
+            "classes.json",
+            '[{"name": "void", "value": 1, "ignore": true}]',
+            "every entry is an ignore",
+        ),
+        ("classes.json", '[{"name": "a", "value": "x"}]', "bad value 'x'"),
+        ("classes.json", '{"classes": ["a"], "ignore_values": ["z"]}', "bad ignore value 'z'"),
     ],
 )
-def test_bad_json_tables_are_one_line_naming_the_file(tmp_path, document, fragment):
-    table = tmp_path / "classes.json"
-    table.write_text(document)
+def test_bad_class_tables_are_one_line_naming_the_file(tmp_path, name, text, fragment):
+    # Catches a malformed table read as something else (a class named 'x', a colour wrapped
+    # past 255, an ignore entry kept as a class) instead of refused with the file and the fix.
+    table = tmp_path / name
+    table.write_text(text)
     with pytest.raises(UsageError) as raised:
         read_class_table(table)
     message = str(raised.value)
