@@ -9,6 +9,7 @@ import torch
 from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.data import check_dataset, mock_root
 from segcli.models import build_model
+from segcli.train.config import TrainConfig
 
 
 def write_mock_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -29,3 +30,19 @@ def write_mock_checkpoint(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model, info)
     return path
+
+
+def fast_train_config(folder: Path, **overrides) -> TrainConfig:
+    """A one-epoch UNet run on the bundled mock data at 32x32, in the main process, into
+    `folder`; `overrides` are TrainConfig fields (`out` among them replaces `folder`)."""
+    settings = {
+        "arch": "unet",
+        "size": "32",
+        "epochs": 1,
+        "batch_size": 8,
+        "workers": 0,
+        "previews": 1,
+        "out": str(folder),
+        **overrides,
+    }
+    return TrainConfig(**settings)

@@ -17,21 +17,11 @@ from segcli.train.config import TrainConfig
 from segcli.train.ema import build_ema
 from segcli.train.state import load_training_state
 from segcli.train.trainer import SilentEvents, Trainer, TrainingInterrupted
+from tests.helpers import fast_train_config
 
 
 def fast_config(folder: Path, **overrides) -> TrainConfig:
-    settings = {
-        "arch": "unet",
-        "backbone": "none",
-        "size": "32",
-        "epochs": 1,
-        "batch_size": 8,
-        "workers": 0,
-        "previews": 1,
-        "out": str(folder),
-        **overrides,
-    }
-    return TrainConfig(**settings)
+    return fast_train_config(folder, **{"backbone": "none", **overrides})
 
 
 # --- EMA -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from segcli.train.config import TrainConfig
 from segcli.train.optim import build_optimizer, build_scheduler
 from segcli.train.state import load_training_state
 from segcli.train.trainer import Trainer
+from tests.helpers import fast_train_config
 
 FAST = ["--size", "32", "--batch-size", "8", "--workers", "0", "--previews", "2"]
 RUN_FILES = {
@@ -33,18 +34,7 @@ RUN_FILES = {
 
 
 def fast_config(tmp_path: Path, **overrides) -> TrainConfig:
-    settings = {
-        "arch": "unet",
-        "backbone": "resnet18",
-        "size": "32",
-        "epochs": 1,
-        "batch_size": 8,
-        "workers": 0,
-        "previews": 1,
-        "out": str(tmp_path / "run"),
-        **overrides,
-    }
-    return TrainConfig(**settings)
+    return fast_train_config(tmp_path / "run", **{"backbone": "resnet18", **overrides})
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ and `metadata_props["segcli"] = CheckpointInfo.to_json()`."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,10 +102,9 @@ def load_openvino(
     """Compile an exported model with OpenVINO for the CPU, in float32: OpenVINO would otherwise
     compute in bf16 on CPUs that have it, and every runtime is to give fp32 results."""
     path = Path(path)
-    if any(importlib.util.find_spec(name) is None for name in ("onnx", "openvino")):
-        raise UsageError(
-            f"{path}: OpenVINO needs openvino and onnx; pip install 'segcli[openvino]'"
-        )
+    from segcli.infer.runtimes import require
+
+    require("openvino")
     import openvino
 
     if torch.device(device).type != "cpu":

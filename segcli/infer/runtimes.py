@@ -42,11 +42,7 @@ class RuntimeChoice:
     name: str
     reason: str
     onnx: Path | None = None  # the export it runs, for onnxruntime and OpenVINO
-
-    @property
-    def automatic(self) -> bool:
-        """Chosen by `auto`: the CLI says which runtime it picked."""
-        return self.reason.startswith("auto")
+    automatic: bool = False  # chosen by `auto`: the CLI says which runtime it picked
 
 
 def installed(runtime: str) -> bool:
@@ -93,9 +89,10 @@ def export_folder(checkpoint: Path) -> Path:
     return folder
 
 
-def cached_onnx(checkpoint: Path, runtime: str) -> Path:
-    """The checked ONNX export of `checkpoint` for `runtime`, made on first use."""
-    digest = weights_digest(checkpoint)[:16]
+def cached_onnx(checkpoint: Path, runtime: str, digest: str | None = None) -> Path:
+    """The checked ONNX export of `checkpoint` for `runtime`, made on first use. `digest` is the
+    checkpoint's (shortened) sha256 when the caller has it already."""
+    digest = digest or weights_digest(checkpoint)[:16]
     name = f"{checkpoint.stem}-{digest}-{SHAPE_POLICY}-{runtime}-{runtime_version(runtime)}.onnx"
     path = export_folder(checkpoint) / name
     if not path.is_file():
@@ -143,12 +140,14 @@ def choose_runtime(
     if runtime in EXPORTED:
         return RuntimeChoice(runtime, "asked for", cached_onnx(checkpoint, runtime))
     if device.type != "cpu":
-        return RuntimeChoice("torch", f"auto: {device.type} runs on torch")
+        return RuntimeChoice("torch", f"auto: {device.type} runs on torch", automatic=True)
     if precision.dtype is not None:
-        return RuntimeChoice("torch", "auto: the other runtimes compute in float32")
+        return RuntimeChoice("torch", "auto: the other runtimes compute in float32", automatic=True)
     candidates = [name for name in EXPORTED if installed(name)]
     if not candidates:
-        return RuntimeChoice("torch", "auto: neither onnxruntime nor openvino is installed")
+        return RuntimeChoice(
+            "torch", "auto: neither onnxruntime nor openvino is installed", automatic=True
+        )
     return _measured_choice(checkpoint, candidates, precision, torch_model, info)
 
 
@@ -169,8 +168,9 @@ def _measured_choice(
         record = None
     if record and record.get("host") == host and record.get("versions") == versions:
         name = record["runtime"]
-        onnx = cached_onnx(checkpoint, name) if name in EXPORTED else None
-        return RuntimeChoice(name, _describe(record["seconds"], name, cached=True), onnx)
+        onnx = cached_onnx(checkpoint, name, digest) if name in EXPORTED else None
+        reason = _describe(record["seconds"], name, cached=True)
+        return RuntimeChoice(name, reason, onnx, automatic=True)
     example = torch.zeros(1, int(info.model["in_channels"]), *info.input_size)
     if precision.channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
@@ -178,7 +178,7 @@ def _measured_choice(
     exports: dict[str, Path] = {}
     for name in candidates:
         try:
-            exports[name] = cached_onnx(checkpoint, name)
+            exports[name] = cached_onnx(checkpoint, name, digest)
             runners[name] = load_exported(name, exports[name], torch.device("cpu"))[0]
         except (RuntimeFailure, UsageError):
             continue  # a model this exporter cannot take runs on torch
@@ -194,7 +194,8 @@ def _measured_choice(
     name = min(seconds, key=seconds.__getitem__)
     record = {"host": host, "versions": versions, "runtime": name, "seconds": seconds}
     record_path.write_text(json.dumps(record, indent=2))
-    return RuntimeChoice(name, _describe(seconds, name, cached=False), exports.get(name))
+    reason = _describe(seconds, name, cached=False)
+    return RuntimeChoice(name, reason, exports.get(name), automatic=True)
 
 
 def _time_forward(run: Any, example: torch.Tensor) -> float:

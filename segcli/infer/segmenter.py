@@ -198,7 +198,7 @@ class Segmenter:
                 members = [compiled(m) for m in members]
             model = members[0] if len(members) == 1 else Ensemble(members)
             if len(paths) > 1 and runtime == "auto":
-                choice = RuntimeChoice("torch", "auto: an ensemble runs on torch")
+                choice = RuntimeChoice("torch", "auto: an ensemble runs on torch", automatic=True)
             else:
                 choice = choose_runtime(runtime, paths[0], device, precision, model, info)
         if choice.onnx is not None:

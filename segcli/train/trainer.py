@@ -112,23 +112,16 @@ def default_run_dir(config: TrainConfig, backbone: str) -> Path:
     return candidate
 
 
+# Files only a run that trained leaves: their presence means the folder holds a run.
+RUN_RECORDS = ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl")
 # What a run writes into its folder; `overwrite` removes these and nothing else.
-RUN_OUTPUTS = (
-    "best.safetensors",
-    "last.safetensors",
-    "last.state.safetensors",
-    "metrics.jsonl",
-    "status.json",
-    "config.toml",
-    "split.json",
-    "curves.png",
-)
+RUN_OUTPUTS = (*RUN_RECORDS, "status.json", "config.toml", "split.json", "curves.png")
 
 
 def claim_run_folder(out: Path, overwrite: bool) -> None:
     """Refuse to train into a folder that holds another run (its checkpoints would be replaced
     and its metrics mixed with the new run's), or with `overwrite` clear that run's files."""
-    if not any((out / name).is_file() for name in RUN_OUTPUTS[:4]):
+    if not any((out / name).is_file() for name in RUN_RECORDS):
         return
     if not overwrite:
         records = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
