@@ -192,6 +192,13 @@ def test_json_tables_read_values_colours_and_ignore_entries(tmp_path):
         ),
         ("classes.json", '[{"name": "a", "value": "x"}]', "bad value 'x'"),
         ("classes.json", '{"classes": ["a"], "ignore_values": ["z"]}', "bad ignore value 'z'"),
+        ("classes.json", '[{"name": "void", "value": "x", "ignore": true}, "a"]', "bad value 'x'"),
+        ("classes.json", '[{"name": "void", "color": "#zz", "ignore": true}, "a"]', "bad colour"),
+        ("classes.json", '{"classes": ["a"], "ignore_color": [0, 0, 256]}', "bad colour"),
+        ("classes.json", '[{"name": "a", "color": 5}]', "bad colour 5;"),
+        ("classes.json", '[{"name": "a", "color": ["r", "g", "b"]}]', "bad colour"),
+        ("classes.json", '[{"name": "a", "color": [0, 256, 0]}]', "bad colour"),
+        ("classes.json", '[{"name": "a", "color": [0, 0]}]', "bad colour"),
     ],
 )
 def test_bad_class_tables_are_one_line_naming_the_file(tmp_path, name, text, fragment):
@@ -207,7 +214,15 @@ def test_bad_class_tables_are_one_line_naming_the_file(tmp_path, name, text, fra
 
 @pytest.mark.parametrize(
     ("text", "values"),
-    [("11", [11]), (" 0, 11 ", [0, 11]), ("", []), (None, []), ([5, 3], [5, 3]), ("7,", [7])],
+    [
+        ("11", [11]),
+        (" 0, 11 ", [0, 11]),
+        ("", []),
+        (None, []),
+        ([5, 3], [5, 3]),
+        ("7,", [7]),
+        ("0,65535", [0, 65535]),
+    ],
 )
 def test_ignore_values_parse_as_raw_mask_values(text, values):
     assert parse_ignore_values(text) == values
@@ -215,7 +230,12 @@ def test_ignore_values_parse_as_raw_mask_values(text, values):
 
 @pytest.mark.parametrize(
     ("text", "fragment"),
-    [("x1", "give raw mask values"), ("70000", "0..65535"), ("-1", "0..65535")],
+    [
+        ("x1", "give raw mask values"),
+        ("70000", "0..65535"),
+        ("65536", "0..65535"),
+        ("-1", "0..65535"),
+    ],
 )
 def test_bad_ignore_values_name_the_setting(text, fragment):
     with pytest.raises(UsageError) as raised:
@@ -283,3 +303,60 @@ def test_value_masks_decode_through_ignore_rules_and_refuse_what_no_rule_covers(
         mapping.encode(np.array([[-1, 0]], dtype=np.int32))
     with pytest.raises(UsageError, match="value 70000 maps to no class"):
         mapping.encode(np.array([[70000]], dtype=np.int32))
+
+
+def test_colour_tables_decode_every_channel_and_accept_rgba_entries(tmp_path):
+    # Catches a colour key that drops or shifts the green channel (VOC's class 2 is pure
+    # green), an ignore entry given only by colour refused, a bare-list table losing its
+    # ignore colours, and an [r, g, b, a] entry refused instead of read as its colour.
+    table = tmp_path / "classes.json"
+    table.write_text(
+        json.dumps(
+            [
+                {"name": "void", "color": [9, 9, 9], "ignore": True},
+                {"name": "a", "color": [0, 0, 0]},
+                {"name": "b", "color": [0, 128, 0, 255]},
+                {"name": "c", "color": [0, 1, 0]},
+                {"name": "d", "color": "#010000"},
+            ]
+        )
+    )
+    read = read_class_table(table)
+    assert read.colors == [(0, 0, 0), (0, 128, 0), (0, 1, 0), (1, 0, 0)]
+    assert read.ignore_colors == [(9, 9, 9)]
+    mapping = ClassMapping(
+        kind="rgb", names=read.names, palette=read.colors, ignore_colors=read.ignore_colors
+    )
+    mask = np.array([[[0, 128, 0], [0, 1, 0], [1, 0, 0], [9, 9, 9], [0, 0, 0]]], np.uint8)
+    np.testing.assert_array_equal(mapping.encode(mask), [[1, 2, 3, 255, 0]])
+
+
+def test_value_masks_at_the_limits_of_their_dtype():
+    # Catches off-by-one bounds in the value checks and lookup tables: 65535 is a valid
+    # 16-bit value, 65536 in an int32 mask must be one error naming the file and that value
+    # (not an IndexError, not the mask's minimum), and class or ignore values past 255 must
+    # not break the lookup of 8-bit masks.
+    top = ClassMapping(kind="index", names=["a", "b"], values=[0, 65535])
+    np.testing.assert_array_equal(top.encode(np.array([[65535, 0]], np.uint16)), [[1, 0]])
+    for bad in (65536, 70000):
+        with pytest.raises(UsageError) as raised:
+            top.encode(np.array([[0, bad]], np.int32), "m/big.png")
+        assert str(raised.value).startswith(f"m/big.png: value {bad} maps to no class")
+    with pytest.raises(UsageError, match="value -3 maps"):
+        top.encode(np.array([[5, -3]], np.int32))
+    wide = ClassMapping(kind="index", names=["a", "b"], values=[0, 256], ignore_values=[1, 256 + 1])
+    np.testing.assert_array_equal(wide.encode(np.array([[0, 1]], np.uint8)), [[0, 255]])
+    ignored_256 = ClassMapping(kind="index", names=["a", "b"], ignore_values=[256])
+    np.testing.assert_array_equal(ignored_256.encode(np.array([[1, 0]], np.uint8)), [[1, 0]])
+
+
+def test_raw_zero_can_be_ignored_and_binary_masks_have_no_ignore_value():
+    # Catches ignore values of 0 skipped (ADE20K-style "other" read as an error) and the
+    # index masks' 255 = ignore rule applied to 0/1 binary masks, where 255 is a corrupt
+    # pixel to report, not a pixel to drop silently.
+    shifted = ClassMapping(kind="index", names=["a", "b"], values=[1, 2], ignore_values=[0])
+    np.testing.assert_array_equal(shifted.encode(np.array([[0, 1, 2]], np.uint8)), [[255, 0, 1]])
+    binary = ClassMapping(kind="binary", names=["background", "foreground"], values=[0, 1])
+    np.testing.assert_array_equal(binary.encode(np.array([[0, 1]], np.uint8)), [[0, 1]])
+    with pytest.raises(UsageError, match="value 255 maps to no class"):
+        binary.encode(np.array([[0, 255]], np.uint8))

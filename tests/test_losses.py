@@ -114,19 +114,20 @@ def test_lovasz_softmax_at_hard_predictions_is_one_minus_iou(seed):
     # sort in the wrong order, a wrong Lovász gradient, or present classes skipped.
     generator = torch.Generator().manual_seed(seed)
     # Classes 0, 1, 3 in both; 2 in neither (skipped, with classes after it still counted);
-    # 4 only in the target (counted, IoU 0).
+    # 4 only in the target and 5 only in the prediction (both counted, IoU 0).
     prediction = torch.tensor([0, 1, 3])[torch.randint(0, 3, (2, 5, 6), generator=generator)]
     target = torch.tensor([0, 1, 3])[torch.randint(0, 3, (2, 5, 6), generator=generator)]
     target[0, 0, 0] = 4
-    logits = F.one_hot(prediction, 5).permute(0, 3, 1, 2).float() * 60.0
+    prediction[1, 4, 5] = 5
+    logits = F.one_hot(prediction, 6).permute(0, 3, 1, 2).float() * 60.0
     ious = []
-    for c in range(5):
+    for c in range(6):
         hit, truth = prediction == c, target == c
         union = (hit | truth).sum().item()
         if union:
             ious.append((hit & truth).sum().item() / union)
     expected = 1 - sum(ious) / len(ious)
-    assert make("lovasz", 5)(logits, target).item() == pytest.approx(expected, abs=1e-5)
+    assert make("lovasz", 6)(logits, target).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_binary_foreground_counts_when_only_predicted_or_only_one_pixel_labelled():
@@ -334,6 +335,35 @@ def test_bad_specs_are_usage_errors(spec, message):
     with pytest.raises(UsageError, match=message) as error:
         make(spec, 3)
     assert str(error.value).startswith("`loss`") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "target_shape"),
+    [((2, 3, 4, 4), (3, 4, 4)), ((3, 4, 4), (2, 4, 4)), ((2, 3, 4, 4), (2, 1, 4, 4))],
+)
+def test_mismatched_logits_and_target_are_refused_naming_both_shapes(logits_shape, target_shape):
+    # Catches a shape check that lets a batch-size mismatch or a 3-D logits tensor through
+    # (the loss would broadcast or gather garbage) or an error without the two shapes.
+    loss_fn = make("ce+dice", 3)
+    with pytest.raises(ValueError) as raised:
+        loss_fn(torch.zeros(logits_shape), torch.zeros(target_shape, dtype=torch.long))
+    assert f"got {logits_shape} and {target_shape}" in str(raised.value)
+
+
+def test_build_loss_defaults_ignore_255_and_focus_with_gamma_two():
+    # Catches the library defaults drifting from what the CLI documents: ignore index 255
+    # and focal gamma 2 (a Python API user who passes neither relies on both).
+    logits, target = binary_input([0.75, 0.4, 0.9], [1, 0, 255])
+    fg = 0.25**2 * -math.log(0.75)
+    bg = 0.4**2 * -math.log(0.6)
+    loss = build_loss("focal", num_classes=1)(logits, target)
+    assert loss.item() == pytest.approx((fg + bg) / 2, rel=1e-5)
+
+
+def test_cross_entropy_terms_describe_themselves_by_their_own_names():
+    # Catches bce or wce logged (and stored in the run's config) under another name.
+    assert make("bce", 1).describe() == "1*bce"
+    assert make("0.5*wce+dice", 3).describe() == "0.5*wce+1*dice"
 
 
 def test_construction_errors():

@@ -11,6 +11,7 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
+from segcli.infer.inference import labels_from_logits
 from segcli.metrics import ConfusionMatrix
 
 IGNORE = 255
@@ -105,6 +106,26 @@ def test_binary_one_logit_scores_two_classes_and_foreground():
     assert r["fg_dice"] == pytest.approx(fg_dice.item()) == r["dice"][1]
     miou = MulticlassJaccardIndex(2, ignore_index=IGNORE)((logits[:, 0] > 0).long(), target)
     assert r["miou"] == pytest.approx(miou.item())
+
+
+def test_a_logit_of_exactly_zero_is_background_as_in_predict():
+    # Catches the metric thresholding a one-logit model at >= 0 while predict uses sigmoid >
+    # 0.5: a pixel at probability 0.5 would be foreground in the score, background in the mask.
+    logits = torch.tensor([0.0, 1e-6, -1e-6]).reshape(1, 1, 1, 3)
+    cm = ConfusionMatrix(2)
+    cm.update(logits, torch.zeros(1, 1, 3, dtype=torch.long))
+    assert cm.matrix.tolist() == [[2, 1], [0, 0]]
+    assert labels_from_logits(logits).tolist() == [[[0, 1, 0]]]
+
+
+def test_scores_are_exact_past_float32_counts():
+    # Catches scores computed in float32: per-class counts pass 2**24 (16.7 M pixels, sixteen
+    # 1024x1024 masks) on any real validation set, and float32 rounds them.
+    cm = ConfusionMatrix(2)
+    cm.matrix += torch.tensor([[2**24 + 1, 1], [0, 1]])
+    scores = cm.compute()
+    assert scores["iou"][0] == pytest.approx((2**24 + 1) / (2**24 + 2), rel=1e-12, abs=0)
+    assert scores["pixel_acc"] == pytest.approx((2**24 + 2) / (2**24 + 3), rel=1e-12, abs=0)
 
 
 def test_ignore_index_has_no_effect():

@@ -248,7 +248,6 @@ def parse_ignore_values(text: str | Sequence[int] | None) -> list[int]:
 class ClassTable:
     """A class table as read from a file: names, optional raw values and colours."""
 
-    path: Path
     names: list[str]
     values: list[int] | None = None
     colors: list[Color] | None = None
@@ -338,7 +337,6 @@ def _read_json_table(path: Path) -> ClassTable:
     if not names:
         raise UsageError(f"{path}: every entry is an ignore entry; list at least one class")
     return ClassTable(
-        path,
         names,
         values if values != list(range(len(names))) else None,
         colors or None,
@@ -379,7 +377,6 @@ def _read_csv_table(path: Path) -> ClassTable:
     if not names:
         raise UsageError(f"{path}: every row is an ignore row; list at least one class")
     return ClassTable(
-        path,
         names,
         values if values != list(range(len(names))) else None,
         colors or None,
@@ -396,7 +393,7 @@ def _read_text_table(path: Path) -> ClassTable:
     names = [line.strip() for line in lines if line.strip() and line.strip() != "__ignore__"]
     if not names:
         raise UsageError(f"{path}: no class names; write one name per line")
-    return ClassTable(path, names)
+    return ClassTable(names)
 
 
 def read_class_table(path: str | Path) -> ClassTable:

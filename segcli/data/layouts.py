@@ -199,7 +199,7 @@ def read_voc(root: Path) -> Layout:
             pairs.append((image, mask))
         splits[list_file.stem] = pairs
     names = list(VOC_CLASSES)
-    table = ClassTable(lists, names, colors=default_palette(len(names)))
+    table = ClassTable(names, colors=default_palette(len(names)))
     return Layout("voc", ordered(splits), problems, table)
 
 
@@ -228,7 +228,6 @@ def read_cityscapes(root: Path) -> Layout:
         splits[split_name(split_dir.name)] = pairs
     names = [name for name, _, _ in CITYSCAPES_CLASSES]
     table = ClassTable(
-        root / "gtFine",
         names,
         values=[label_id for _, label_id, _ in CITYSCAPES_CLASSES],
         colors=[color for _, _, color in CITYSCAPES_CLASSES],
@@ -269,7 +268,7 @@ def read_ade20k(root: Path) -> Layout:
     names = _ade_names(root)
     table = None
     if names:
-        table = ClassTable(root, names, values=list(range(1, len(names) + 1)))
+        table = ClassTable(names, values=list(range(1, len(names) + 1)))
     return Layout("ade20k", ordered(splits), problems, table, reduce_zero_label=True)
 
 
@@ -314,7 +313,7 @@ def read_coco(root: Path, cache: Path, class_names: Sequence[str] | None) -> Lay
         result = rasterise_coco(path, image_root, class_names, cache)
         splits.setdefault(split, []).extend(result.pairs)
         problems.extend(result.problems)
-    return Layout("coco", ordered(splits), problems, ClassTable(root, list(class_names)))
+    return Layout("coco", ordered(splits), problems, ClassTable(list(class_names)))
 
 
 # -- LabelMe ----------------------------------------------------------------------------------
@@ -352,7 +351,7 @@ def read_labelme(root: Path, cache: Path, class_names: Sequence[str] | None) -> 
         result = rasterise_labelme(files, class_names, cache)
         splits[split] = result.pairs
         problems.extend(result.problems)
-    return Layout("labelme", ordered(splits), problems, ClassTable(root, list(class_names)))
+    return Layout("labelme", ordered(splits), problems, ClassTable(list(class_names)))
 
 
 # -- segcli's folders and a flat pair ---------------------------------------------------------
