@@ -6,7 +6,10 @@ torchvision's own DeepLabv3-ResNet50 in eager fp32 (NCHW), in one process, round
 Every variant runs the same forward a user's `seg predict` would (`Segmenter.logits` on a
 preprocessed batch: autocast, memory format, the exported graph), best of `--repeats` rounds
 taken round-robin so other load hurts all alike. `default` is what `seg predict` picks with no
-flag on this host (`--runtime auto`, `--amp auto`). Argmax agreement is against segcli's torch
+flag on this host (`--runtime auto`, `--amp auto`). `onnxruntime int8` is the file
+`seg export --int8` writes (same quantizer and settings), calibrated here on 8 other photo-like
+images; its accuracy gate needs a labelled dataset, so score a trained checkpoint with
+`seg export --int8` for that. Argmax agreement is against segcli's torch
 fp32 logits on the same photo-like images. Prints one line per variant and writes JSON with
 the CPU it ran on; name that CPU beside any figure you quote.
 """
@@ -26,7 +29,8 @@ from torchvision.models.segmentation import deeplabv3_resnet50
 from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.data import ClassMapping
 from segcli.device import cpu_has_native_bf16, host_key
-from segcli.infer.runtimes import installed
+from segcli.infer.onnx_model import INPUT_NAME, load_onnx
+from segcli.infer.runtimes import cached_onnx, installed
 from segcli.infer.segmenter import Segmenter
 from segcli.models import build_model
 
@@ -61,6 +65,21 @@ def write_checkpoint(folder: Path, size: int) -> Path:
     return path
 
 
+def int8_segmenter(checkpoint: Path, size: int) -> Segmenter:
+    from segcli.device import Precision
+    from segcli.quantize import quantize_onnx
+
+    fp32 = cached_onnx(checkpoint, "onnxruntime")
+    quantized = checkpoint.with_name("best.int8.onnx")
+    calibration = photo_batch(9, size)[1:]  # not the timed image
+    inputs = (image[None].numpy() for image in calibration)
+    quantize_onnx(fp32, quantized, inputs, checkpoint.parent, INPUT_NAME)
+    model, info = load_onnx(quantized)
+    return Segmenter(
+        model, info, device=torch.device("cpu"), precision=Precision(None, channels_last=False)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)
@@ -84,6 +103,8 @@ def main() -> None:
                 segmenters[f"segcli {runtime}"] = Segmenter.load(
                     checkpoint, device="cpu", runtime=runtime
                 )
+        if installed("onnxruntime"):
+            segmenters["segcli onnxruntime int8"] = int8_segmenter(checkpoint, args.size)
         default = Segmenter.load(checkpoint, device="cpu", runtime="auto")
         segmenters[f"default: {default.runtime.name} {default.precision.name}"] = default
         for name, segmenter in segmenters.items():
