@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from segcli.checkpoint import (
@@ -143,6 +143,25 @@ def test_a_model_with_non_default_options_rebuilds_from_its_checkpoint(tmp_path)
     message = str(raised.value)
     assert message.startswith(f"{path}: weights do not fit unet (") and "\n" not in message
     assert "Missing key" in message or "Unexpected key" in message or "size mismatch" in message
+
+
+def test_a_checkpoint_missing_one_tensor_names_it(tmp_path):
+    # Catches the error quoting torch's header line ("Error(s) in loading state_dict") when
+    # torch's report has only one detail line, as it has for a single missing tensor.
+    from safetensors import safe_open
+
+    path = tmp_path / "model.safetensors"
+    model = build_model("unet", "resnet18", 3, 2)
+    save_checkpoint(path, model.eval(), small_info(model))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    dropped = sorted(tensors)[-1]
+    del tensors[dropped]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(UsageError) as raised:
+        load_model(path)
+    assert "Missing key(s)" in str(raised.value) and dropped in str(raised.value)
 
 
 def test_metadata_of_an_older_file_reads_with_the_defaults_it_was_written_under():

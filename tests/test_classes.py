@@ -199,17 +199,29 @@ def test_json_tables_read_values_colours_and_ignore_entries(tmp_path):
         ("classes.json", '[{"name": "a", "color": ["r", "g", "b"]}]', "bad colour"),
         ("classes.json", '[{"name": "a", "color": [0, 256, 0]}]', "bad colour"),
         ("classes.json", '[{"name": "a", "color": [0, 0]}]', "bad colour"),
+        ("classes.json", '[{"name": "a", "value": 1}, {"name": "b", "value": 1}]', "share a value"),
+        ("classes.csv", b"value,name\n1,caf\xe9\n", "not a readable CSV class table"),
+        ("classes.txt", b"caf\xe9\n", "not a readable class list"),
     ],
 )
 def test_bad_class_tables_are_one_line_naming_the_file(tmp_path, name, text, fragment):
     # Catches a malformed table read as something else (a class named 'x', a colour wrapped
     # past 255, an ignore entry kept as a class) instead of refused with the file and the fix.
     table = tmp_path / name
-    table.write_text(text)
+    table.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(UsageError) as raised:
         read_class_table(table)
     message = str(raised.value)
     assert message.startswith(str(table)) and fragment in message and "\n" not in message
+
+
+def test_a_missing_class_table_names_the_file_and_the_setting(tmp_path):
+    with pytest.raises(UsageError) as raised:
+        read_class_table(tmp_path / "nope.json")
+    assert (
+        str(raised.value)
+        == f"{tmp_path / 'nope.json'}: class table not found; check `classes_file`"
+    )
 
 
 @pytest.mark.parametrize(
@@ -348,6 +360,8 @@ def test_value_masks_at_the_limits_of_their_dtype():
     np.testing.assert_array_equal(wide.encode(np.array([[0, 1]], np.uint8)), [[0, 255]])
     ignored_256 = ClassMapping(kind="index", names=["a", "b"], ignore_values=[256])
     np.testing.assert_array_equal(ignored_256.encode(np.array([[1, 0]], np.uint8)), [[1, 0]])
+    ignore_index_256 = ClassMapping(kind="index", names=["a", "b"], ignore_index=256)
+    np.testing.assert_array_equal(ignore_index_256.encode(np.array([[1, 0]], np.uint8)), [[1, 0]])
 
 
 def test_raw_zero_can_be_ignored_and_binary_masks_have_no_ignore_value():

@@ -375,6 +375,8 @@ def test_construction_errors():
         build_loss("wce", num_classes=3, class_weights=[1, 2])
     with pytest.raises(UsageError, match="needs 2"):
         build_loss("wce", num_classes=1, class_weights=[1])
+    with pytest.raises(UsageError, match="at least 1 output channel, got 0"):
+        build_loss("ce", num_classes=0)
 
 
 def test_settings_at_their_limits_are_accepted_and_past_them_refused():
@@ -406,5 +408,5 @@ def test_median_frequency_weights_of_a_single_labelled_pixel():
 def test_median_frequency_weights():
     # frequencies 100/160, 50/160, 10/160; median 50/160; an empty class gets 0.
     assert median_frequency_weights([100, 50, 10, 0]) == pytest.approx([0.5, 1.0, 5.0, 0.0])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="`class_weights` auto: the training masks contain no"):
         median_frequency_weights([0, 0])
