@@ -2,11 +2,12 @@
 
 `export_int8` exports a checkpoint to ONNX (checked like any `seg export`), quantizes it with
 ONNX Runtime's static quantization (QDQ: int8 weights per output channel, uint8 activations
-whose ranges are calibrated on real images), then scores the fp32 model and the INT8 file on a
-labelled split through the one inference path. The file is written only when the INT8 labels
-agree with fp32 on at least 99% of the pixels and its mIoU is at most 0.5 points lower; the
-figures go into the file's metadata (key `segcli_int8`) next to the checkpoint's own (`segcli`),
-so `seg predict` runs it like any exported model.
+whose ranges are calibrated on real images; the first and last convolutions stay float), then
+scores the fp32 model and the INT8 file on a labelled split through the one inference path.
+The file is written only when the INT8 labels agree with fp32 on at least 99% of the pixels
+and its mIoU is at most 0.5 points lower; the figures go into the file's metadata (key
+`segcli_int8`) next to the checkpoint's own (`segcli`), so `seg predict` runs it like any
+exported model.
 
 Weights use 7 bits of the int8 range (`reduce_range`): x86 CPUs without VNNI multiply uint8 by
 int8 with 16-bit saturating adds, and a full-range file quantized on one CPU could lose accuracy
@@ -191,9 +192,12 @@ def quantize_onnx(
             array = next(inputs, None)
             return None if array is None else {input_name: array}
 
+    import onnx
+
     prepared = scratch / "prepared.onnx"
     # Folds BatchNorm into convolutions and infers shapes, so each conv is quantized once.
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    convolutions = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
     quantize_static(
         str(prepared),
         str(out),
@@ -204,6 +208,10 @@ def quantize_onnx(
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        # The stem sees raw pixels and the head writes the logits the argmax reads: in float
+        # they cost little time and keep labels closer to fp32 (stanford_background UNet-R18,
+        # agreement 99.08% -> 99.47%).
+        nodes_to_exclude=[convolutions[0], convolutions[-1]] if len(convolutions) > 2 else [],
     )
     _copy_metadata(fp32, out)
 
