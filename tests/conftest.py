@@ -8,7 +8,8 @@ import traceback
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two cores: one process uses both, each of two xdist workers (`pytest -n 2`) one.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # `--runtime auto` (the CLI default) exports and times a checkpoint the first time it sees it:
 # seconds per new checkpoint, and the suite makes hundreds. Tests of the runtimes pass
 # --runtime themselves; every other test runs the torch path it was written for.
