@@ -21,7 +21,7 @@ from tests.helpers import fast_train_config
 
 
 def fast_config(folder: Path, **overrides) -> TrainConfig:
-    return fast_train_config(folder, **{"backbone": "none", **overrides})
+    return fast_train_config(folder, **{"backbone": "resnet18", **overrides})
 
 
 # --- EMA -------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_runs_table_sorts_by_score_and_reports_status(seg, runs_folder: Path) ->
     assert by_name["stopped"]["status"] == "interrupted"
     assert (by_name["stopped"]["epochs_done"], by_name["stopped"]["epochs_planned"]) == (1, 3)
     assert by_name["high-lr"]["status"] == "finished" and by_name["high-lr"]["epochs_done"] == 2
-    assert by_name["high-lr"]["backbone"] == "none" and by_name["high-lr"]["data"] == "mock"
+    assert by_name["high-lr"]["backbone"] == "resnet18" and by_name["high-lr"]["data"] == "mock"
     metrics = [
         json.loads(line)
         for line in (runs_folder / "high-lr/metrics.jsonl").read_text().splitlines()

@@ -2,8 +2,6 @@
 eval of its checkpoint and predict with it, as a user would chain them."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -22,7 +20,7 @@ ZOO = [
 
 
 @pytest.mark.parametrize(("arch", "backbone", "options"), ZOO, ids=[z[0] for z in ZOO])
-def test_train_eval_predict(tmp_path, arch, backbone, options):
+def test_train_eval_predict(seg, tmp_path, arch, backbone, options):
     out = tmp_path / "run"
     config = TrainConfig(
         arch=arch,
@@ -44,23 +42,17 @@ def test_train_eval_predict(tmp_path, arch, backbone, options):
     from segcli.data import mock_root
 
     image = sorted((mock_root() / "val" / "images").iterdir())[0]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segcli",
-            "predict",
-            str(out / "best.safetensors"),
-            str(image),
-            "--out",
-            str(tmp_path / "masks"),
-            "--workers",
-            "0",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    # In-process through the console entry point (conftest's `seg`): the same arguments, exit
+    # code and stdout as a shell, without a second torch import per architecture.
+    result = seg(
+        "predict",
+        str(out / "best.safetensors"),
+        str(image),
+        "--out",
+        str(tmp_path / "masks"),
+        "--workers",
+        "0",
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
