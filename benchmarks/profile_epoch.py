@@ -2,7 +2,8 @@
 waited for by the training loop), forward, loss, backward, optimizer step, validation, checkpoint
 writes, the curves PNG and the previews.
 
-    python benchmarks/profile_epoch.py                                    # the main job's data
+    python benchmarks/profile_epoch.py --backbone resnet18 --size 128 --batch-size 2 \
+        --epochs 6 --lr 2e-3                           # the main job (README command 1)
     python benchmarks/profile_epoch.py --data ../shared/data/stanford_background --epochs 1
 
 It trains exactly as `seg train ARCH` would (the same TrainConfig defaults, the Trainer), with
