@@ -19,11 +19,6 @@ from segcli.train.state import load_training_state
 from segcli.train.trainer import SilentEvents, Trainer, TrainingInterrupted
 from tests.helpers import fast_train_config
 
-
-def fast_config(folder: Path, **overrides) -> TrainConfig:
-    return fast_train_config(folder, **{"backbone": "resnet18", **overrides})
-
-
 # --- EMA -------------------------------------------------------------------------------------
 
 
@@ -62,10 +57,10 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path: Path) -> None:
     # Catches: the raw weights saved as the run's weights, the EMA restarted (or the raw
     # weights replaced by the average) on resume: 1 + 1 epochs must equal 2 straight ones.
     common = {"deterministic": True, "scheduler": "step", "step_size": 1, "ema": 0.9}
-    Trainer(fast_config(tmp_path / "a", epochs=2, **common)).run()
-    Trainer(fast_config(tmp_path / "b", epochs=1, **common)).run()
+    Trainer(fast_train_config(tmp_path / "a", epochs=2, **common)).run()
+    Trainer(fast_train_config(tmp_path / "b", epochs=1, **common)).run()
     last = str(tmp_path / "b" / "last.safetensors")
-    Trainer(fast_config(tmp_path / "b", epochs=2, resume=last, **common)).run()
+    Trainer(fast_train_config(tmp_path / "b", epochs=2, resume=last, **common)).run()
     for name in ("last.safetensors",):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         for key in a:
@@ -98,7 +93,7 @@ def test_tensorboard_event_file_holds_the_logged_scalars(tmp_path: Path) -> None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # Catches: scalars not written or written at the wrong step, previews or config missing.
-    Trainer(fast_config(tmp_path / "run", epochs=2, tracker="tensorboard")).run()
+    Trainer(fast_train_config(tmp_path / "run", epochs=2, tracker="tensorboard")).run()
     records = [
         json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     ]
@@ -121,7 +116,7 @@ def test_mlflow_run_holds_params_and_metrics(tmp_path: Path, monkeypatch) -> Non
     # Catches: metrics logged once instead of per epoch, params missing, the run left open.
     uri = (tmp_path / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    Trainer(fast_config(tmp_path / "run", epochs=2, tracker="mlflow")).run()
+    Trainer(fast_train_config(tmp_path / "run", epochs=2, tracker="mlflow")).run()
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("segcli")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -164,7 +159,7 @@ def test_a_tracker_that_fails_to_start_does_not_stop_training(tmp_path: Path, mo
         def log(self, message: str) -> None:
             lines.append(message)
 
-    summary = Trainer(fast_config(tmp_path / "run", tracker="tensorboard"), Events()).run()
+    summary = Trainer(fast_train_config(tmp_path / "run", tracker="tensorboard"), Events()).run()
     assert summary is not None and (tmp_path / "run" / "best.safetensors").is_file()
     expected = "could not start (ConnectionError: tracking server unreachable)"
     assert any(expected in line for line in lines)
@@ -183,10 +178,10 @@ class InterruptAfterFirstEpoch(SilentEvents):
 @pytest.fixture(scope="module")
 def runs_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    Trainer(fast_config(root / "low-lr", epochs=1, lr=1e-5)).run()
-    Trainer(fast_config(root / "high-lr", epochs=2, lr=3e-3)).run()
+    Trainer(fast_train_config(root / "low-lr", epochs=1, lr=1e-5)).run()
+    Trainer(fast_train_config(root / "high-lr", epochs=2, lr=3e-3)).run()
     with pytest.raises(TrainingInterrupted):
-        Trainer(fast_config(root / "stopped", epochs=3), InterruptAfterFirstEpoch()).run()
+        Trainer(fast_train_config(root / "stopped", epochs=3), InterruptAfterFirstEpoch()).run()
     return root
 
 

@@ -34,7 +34,7 @@ RUN_FILES = {
 
 
 def fast_config(tmp_path: Path, **overrides) -> TrainConfig:
-    return fast_train_config(tmp_path / "run", **{"backbone": "resnet18", **overrides})
+    return fast_train_config(tmp_path / "run", **overrides)
 
 
 @pytest.mark.parametrize(
