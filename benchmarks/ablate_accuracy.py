@@ -17,6 +17,10 @@ Settings (defaults in brackets):
                    0.2); zoom is today's default (hflip, scale 0.75-1.25 and a crop); smp is
                    the smp loop's own code for the same recipe
     loss=SPEC [ce]   lr=F [1e-3]   wd=F [1e-4]   bs=N [8]   seed=N [0]
+    zir=1|0: segcli zeroes the last BatchNorm's scale in every residual block of the encoder
+             (Goyal et al. 2017), so each block starts as the identity; 0 sets it back to
+             torchvision's 1 (what segcli did before) [1]
+    warmup=EPOCHS: linear warm-up of the cosine [0]
 
 Run one at a time on an idle machine; compare lines of the same run length, not absolute
 seconds across machines. smp (segmentation-models-pytorch) is needed only for model=smp.
@@ -61,6 +65,8 @@ DEFAULTS = {
     "wd": 1e-4,
     "bs": 8,
     "seed": 0,
+    "zir": 1,
+    "warmup": 0.0,
 }
 
 
@@ -109,6 +115,13 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
     extra = {"decoder_channels": opts["decoder"]} if opts["decoder"] else {}
     extra["up"] = opts["up"]
     model = build_model("unet", "resnet18", 3, classes, **extra)
+    if not opts["zir"]:
+        # The encoder is a feature-extraction graph: its blocks are plain Modules, found by
+        # the BatchNorm that closes each residual branch (bn3 in bottlenecks, else bn2).
+        for block in model.encoder.modules():
+            last = getattr(block, "bn3", None) or getattr(block, "bn2", None)
+            if isinstance(last, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(last.weight)
     if opts["init"] == "torch":
         for layer in [*model.decoder.modules(), *model.head.modules()]:
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
@@ -140,7 +153,11 @@ def main() -> None:
     criterion = build_loss(opts["loss"], num_classes=classes, ignore_index=255)
     optimizer = build_optimizer(model, "adamw", lr=opts["lr"], weight_decay=opts["wd"])
     schedule = build_scheduler(
-        optimizer, "cosine", epochs=opts["epochs"], steps_per_epoch=len(loader)
+        optimizer,
+        "cosine",
+        epochs=opts["epochs"],
+        steps_per_epoch=len(loader),
+        warmup_epochs=opts["warmup"],
     )
     cpu = torch.device("cpu")
     info = CheckpointInfo(

@@ -163,6 +163,37 @@ def test_decoder_upsampling_keeps_the_deep_path_at_the_skip_scale(backbone):
     assert all(0.5 < ratio < 2.0 for ratio in ratios), ratios
 
 
+@pytest.mark.parametrize(
+    ("arch", "backbone"), [("unet", "resnet18"), ("deeplabv3", "resnet50"), ("pspnet", "resnet34")]
+)
+def test_residual_blocks_start_as_the_identity_from_scratch(arch, backbone, tmp_path):
+    # Catches the zero-initialised residual branches lost (torchvision's default gamma of 1, or
+    # a rebuild of the feature-extraction graph re-initialising them): from scratch every
+    # block's residual branch must output zero, so the block passes its input through.
+    # Pretrained weights (here a --backbone-weights file) must still replace that.
+    from torchvision.models import resnet
+
+    torch.manual_seed(0)
+    body = build_model(arch, backbone, 3, 4).encoder.body.train()
+    # The feature-extraction graph inlines each block's forward, so run its branch by hand.
+    block = getattr(body.layer1, "1")
+    stages = 3 if backbone == "resnet50" else 2
+    branch = torch.randn(2, block.conv1.in_channels, 16, 16)
+    for stage in range(1, stages + 1):
+        branch = getattr(block, f"bn{stage}")(getattr(block, f"conv{stage}")(branch))
+        branch = torch.relu(branch) if stage < stages else branch
+    assert branch.abs().max() == 0
+
+    weights = tmp_path / "weights.pth"
+    reference = getattr(resnet, backbone)()
+    torch.save(reference.state_dict(), weights)
+    loaded = build_model(arch, backbone, 3, 4, backbone_weights=str(weights)).encoder.body
+    last = "bn3" if backbone == "resnet50" else "bn2"
+    expected = getattr(reference.layer1[1], last).weight
+    torch.testing.assert_close(getattr(getattr(loaded.layer1, "1"), last).weight, expected)
+    assert expected.abs().sum() > 0
+
+
 def test_decoder_channels_build_the_lighter_decoder_they_name():
     # Count of a ResUNet18 with decoder widths 256,128,64,32 from SPEC.md's formulas: the
     # encoder's 11,176,512 minus fc (513,000), the transposed convs, DoubleConvs and head.

