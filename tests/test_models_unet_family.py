@@ -177,7 +177,7 @@ def test_residual_blocks_start_as_the_identity_from_scratch(arch, backbone, tmp_
     body = build_model(arch, backbone, 3, 4).encoder.body.train()
     # The feature-extraction graph inlines each block's forward, so run its branch by hand.
     block = getattr(body.layer1, "1")
-    stages = 3 if backbone == "resnet50" else 2
+    stages = 3 if hasattr(block, "conv3") else 2  # bottleneck or basic block
     branch = torch.randn(2, block.conv1.in_channels, 16, 16)
     for stage in range(1, stages + 1):
         branch = getattr(block, f"bn{stage}")(getattr(block, f"conv{stage}")(branch))
@@ -188,7 +188,7 @@ def test_residual_blocks_start_as_the_identity_from_scratch(arch, backbone, tmp_
     reference = getattr(resnet, backbone)()
     torch.save(reference.state_dict(), weights)
     loaded = build_model(arch, backbone, 3, 4, backbone_weights=str(weights)).encoder.body
-    last = "bn3" if backbone == "resnet50" else "bn2"
+    last = f"bn{stages}"
     expected = getattr(reference.layer1[1], last).weight
     torch.testing.assert_close(getattr(getattr(loaded.layer1, "1"), last).weight, expected)
     assert expected.abs().sum() > 0
