@@ -51,7 +51,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def cpu_name() -> str:
-    """The CPU model and whether it has native bf16, for the report's header."""
+    """The CPU model and its widest vector ISA (native bf16, AVX-512, AVX2), for the report."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -64,7 +64,13 @@ def cpu_name() -> str:
         ),
         "unknown CPU",
     )
-    kind = "AVX512-BF16" if "avx512_bf16" in info else ("AVX2" if "avx2" in info else "no AVX2")
+    flags = set(info.split())
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        kind = "AVX512-BF16"
+    elif "avx512f" in flags:
+        kind = "AVX-512 without bf16"
+    else:
+        kind = "AVX2 only" if "avx2" in flags else "no AVX2"
     return f"{model}, {os.cpu_count()} cores, {kind}"
 
 
