@@ -55,7 +55,8 @@ def test_int8_file_is_quantized_gated_and_records_the_gate(checkpoint, int8_expo
     assert gate["miou_fp32"] - gate["miou_int8"] <= 0.005
     assert gate["calibration_images"] == 4 and gate["calibration_source"] == "training split"
     assert quantize.read_gate(path) == gate
-    fp32 = evaluate_checkpoint(checkpoint, data=str(mock_root()), batch_size=8)
+    # amp off: the gate scores fp32, while `--amp auto` is bf16 on hosts with native bf16.
+    fp32 = evaluate_checkpoint(checkpoint, data=str(mock_root()), batch_size=8, amp="off")
     int8 = evaluate_checkpoint(path, data=str(mock_root()), batch_size=8)
     assert gate["miou_fp32"] == pytest.approx(fp32["miou"], abs=1e-12)
     assert gate["miou_int8"] == pytest.approx(int8["miou"], abs=1e-12)

@@ -89,7 +89,11 @@ def test_the_export_is_made_once_and_a_new_checkpoint_gets_its_own(
 def test_auto_measures_once_per_cpu_kind_and_says_which(seg, checkpoint, images, tmp_path,
                                                         monkeypatch):  # fmt: skip
     # Catches auto timing the runtimes on every call, picking one it did not find fastest,
-    # or choosing silently.
+    # or choosing silently. The host is one without native bf16, where `--amp auto` is fp32
+    # and the runtimes compete (on bf16 hosts auto keeps torch, tested below).
+    import segcli.device
+
+    monkeypatch.setattr(segcli.device, "cpu_has_native_bf16", lambda: False)
     timings = {"torch": 3.0, "onnxruntime": 1.0, "openvino": 2.0}
     monkeypatch.setattr(runtimes, "_time_forward", lambda run, example: timings[_name(run)])
     first = seg("predict", str(checkpoint), str(images), "--out", str(tmp_path / "a"),

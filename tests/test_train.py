@@ -169,7 +169,8 @@ class SteppedClock:
 
 def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monkeypatch):
     # Catches a time limit that is ignored (all 50 epochs run), one that overruns the budget,
-    # or a schedule left unplanned (the cosine would still be near its peak at the end).
+    # a schedule left unplanned (the cosine would still be near its peak at the end), or a
+    # progress line that counts to `--epochs` instead of the plan.
     import segcli.train.trainer as trainer_module
 
     clock = SteppedClock(100.0)
@@ -188,6 +189,8 @@ def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monk
     assert records[-1]["wall_seconds"] <= 10 * 60
     state = load_training_state(tmp_path / "run/last.state.safetensors")
     assert state["planned_epochs"] == len(records)
+    # The epoch lines and `seg runs` show the plan ("epoch 5/5"), not the 50 of `--epochs`.
+    assert records[-1]["epochs"] == len(records)
     # The planned cosine ends with the run: the last epoch ends far below the peak lr (1e-3).
     assert records[-1]["lr"] < 0.2e-3
 

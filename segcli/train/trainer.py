@@ -679,7 +679,7 @@ class Trainer:
         self.train_loader.generator.manual_seed(config.seed + epoch)
         if self.context.enabled:
             self.train_loader.sampler.set_epoch(epoch)
-        self.reporter.start_epoch(epoch + 1, config.epochs, len(self.train_loader))
+        self.reporter.start_epoch(epoch + 1, self.planned_epochs, len(self.train_loader))
         total, images_seen, started = 0.0, 0, time.perf_counter()
         compute_seconds = 0.0
         batches = len(self.train_loader)
@@ -857,7 +857,7 @@ class Trainer:
                         self.bad_epochs += 1
                     record = {
                         "epoch": epoch + 1,
-                        "epochs": config.epochs,
+                        "epochs": self.planned_epochs,
                         "train_loss": train_loss,
                         "val_loss": result.loss,
                         "lr": self.scheduler.current_lr(),
@@ -868,6 +868,8 @@ class Trainer:
                     }
                     if config.time_limit:
                         self._plan_to_time_limit(epoch + 1, record["wall_seconds"], session_start)
+                        # The line and metrics.jsonl show the plan this epoch's cost led to.
+                        record["epochs"] = self.planned_epochs
                     if context.is_main:
                         self._save(epoch + 1, record, improved)
                         self.reporter.epoch_end(record, improved)
