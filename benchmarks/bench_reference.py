@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from segcli.bench import randomise_batchnorm
 from segcli.device import Precision, resolve_precision, to_device
 from segcli.infer.inference import class_logits
 from segcli.models import build_model
@@ -32,14 +33,6 @@ def torchvision_to_segcli(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         prefix = next(p for p in PREFIXES if key.startswith(p))
         renamed[PREFIXES[prefix] + key.removeprefix(prefix)] = value
     return renamed
-
-
-def randomise_batchnorm(model: nn.Module) -> None:
-    """Non-trivial running statistics, so eval mode exercises them as trained weights would."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
 
 
 def interleaved(

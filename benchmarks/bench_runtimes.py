@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torchvision.models.segmentation import deeplabv3_resnet50
 
+from segcli.bench import randomise_batchnorm
 from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.data import ClassMapping
 from segcli.device import cpu_has_native_bf16, host_key
@@ -53,6 +54,7 @@ def photo_batch(batch: int, size: int) -> torch.Tensor:
 def write_checkpoint(folder: Path, size: int) -> Path:
     torch.manual_seed(0)
     model = build_model("deeplabv3", "resnet50", 3, CLASSES).eval()
+    randomise_batchnorm(model)
     info = CheckpointInfo(
         model=model_build_config(model),
         classes=ClassMapping("index", [f"class_{i}" for i in range(CLASSES)]).to_dict(),

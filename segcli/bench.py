@@ -418,6 +418,20 @@ def _train_step(
     return step
 
 
+@torch.no_grad()
+def randomise_batchnorm(model: nn.Module) -> None:
+    """BatchNorm as training leaves it: running statistics and scales away from their initial
+    values, so eval mode exercises them. The scales matter most: segcli's ResNets start every
+    residual branch switched off (a zero scale), and with those a random network predicts one
+    class everywhere, which would make every argmax agreement a trivial 100%."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            if module.weight is not None:
+                module.weight.uniform_(0.5, 1.5)
+
+
 def build_bench_model(spec: BenchSpec) -> tuple[nn.Module, float]:
     """The model with seeded random weights and non-trivial BatchNorm statistics (so eval mode
     exercises them), and its forward GFLOPs per image, counted on the meta device."""
@@ -426,10 +440,7 @@ def build_bench_model(spec: BenchSpec) -> tuple[nn.Module, float]:
 
     torch.manual_seed(spec.seed)
     model = build_model(spec.arch, spec.backbone, spec.in_channels, spec.classes)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
+    randomise_batchnorm(model)
     meta = build_on_meta(spec.arch, spec.backbone, spec.in_channels, spec.classes)
     return model.eval(), forward_gflops(meta, spec.in_channels, spec.size)
 

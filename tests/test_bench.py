@@ -167,3 +167,18 @@ def test_end_to_end_mode_times_decoding_to_label_maps(monkeypatch: pytest.Monkey
     assert len(decoded) == 2 * 2 * (3 + 1)  # two variants, batch 2, timed and warm-up steps
     assert all(path.endswith(".png") for path in decoded)
     assert results["onnxruntime fp32"]["max_abs_diff"] < 1e-3
+
+
+def test_bench_model_predicts_more_than_one_class() -> None:
+    # Catches random bench weights whose argmax is one class everywhere (ResNets start each
+    # residual branch at a zero BatchNorm scale), which makes every variant's argmax agreement
+    # a trivial 100% and hides a reduced precision that changes the masks.
+    import torch
+
+    spec = bench_engine.BenchSpec(arch="deeplabv3", backbone="resnet50", size=(64, 64), classes=21)
+    model, _ = bench_engine.build_bench_model(spec)
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        labels = model(images).argmax(1)
+    assert labels.unique().numel() >= 4
+    assert labels.flatten().bincount().max() < 0.8 * labels.numel()
