@@ -49,7 +49,8 @@ class AtrousConv2d(nn.Conv2d):
         if x.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
             return super().forward(x)
         height, width = x.shape[-2:]
-        out = x.new_zeros((x.shape[0], self.out_channels, height, width), dtype=dtype)
+        # The taps' partial sums add up in fp32, as the dilated kernel accumulates them.
+        out = x.new_zeros((x.shape[0], self.out_channels, height, width), dtype=torch.float32)
         kernel_h, kernel_w = self.kernel_size
         for i in range(kernel_h):
             dy = i * self.dilation[0] - self.padding[0]
@@ -63,8 +64,8 @@ class AtrousConv2d(nn.Conv2d):
                     F.conv2d(source, tap)
                 )
         if self.bias is not None:
-            out = out + self.bias.to(dtype)[:, None, None]
-        return out
+            out += self.bias.float()[:, None, None]
+        return out.to(dtype)
 
 
 def conv_bn_relu(
