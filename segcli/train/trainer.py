@@ -855,21 +855,21 @@ class Trainer:
                         self.best_miou, self.best_epoch, self.bad_epochs = miou, epoch + 1, 0
                     else:
                         self.bad_epochs += 1
+                    lr = self.scheduler.current_lr()
+                    wall_seconds = self.wall_before + time.perf_counter() - session_start
+                    if config.time_limit:
+                        self._plan_to_time_limit(epoch + 1, wall_seconds, session_start)
                     record = {
                         "epoch": epoch + 1,
                         "epochs": self.planned_epochs,
                         "train_loss": train_loss,
                         "val_loss": result.loss,
-                        "lr": self.scheduler.current_lr(),
+                        "lr": lr,
                         "val": result.metrics,
                         "seconds": seconds,
                         "images_per_second": rate,
-                        "wall_seconds": self.wall_before + time.perf_counter() - session_start,
+                        "wall_seconds": wall_seconds,
                     }
-                    if config.time_limit:
-                        self._plan_to_time_limit(epoch + 1, record["wall_seconds"], session_start)
-                        # The line and metrics.jsonl show the plan this epoch's cost led to.
-                        record["epochs"] = self.planned_epochs
                     if context.is_main:
                         self._save(epoch + 1, record, improved)
                         self.reporter.epoch_end(record, improved)
