@@ -69,11 +69,36 @@ def keep_freed_memory() -> bool:
         return False
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which its bf16 kernels still run natively.
+ONEDNN_BF16_ISAS = (
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "ALL",
+    "DEFAULT",
+)
+
+
+def onednn_isa_cap() -> str:
+    """The ISA ceiling the user set for oneDNN's kernels (ONEDNN_MAX_CPU_ISA, or its older
+    name DNNL_MAX_CPU_ISA), upper-cased; "" when none is set."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return cap.strip().upper()
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs reporting AVX512-BF16 or AMX. Without them bf16 is emulated (about 7x
-    slower than fp32 on an AVX2 EPYC); with them it may or may not pay off: see
-    `bf16_pays_off`."""
+    """True on CPUs reporting AVX512-BF16 or AMX, unless ONEDNN_MAX_CPU_ISA caps oneDNN below
+    them (its convolutions then emulate bf16 as the CPU without them would). Without native
+    bf16 it is emulated (about 7x slower than fp32 on an AVX2 EPYC); with it, it may or may
+    not pay off: see `bf16_pays_off`."""
+    cap = onednn_isa_cap()
+    if cap and cap not in ONEDNN_BF16_ISAS:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -97,7 +122,7 @@ def cache_dir() -> Path:
 
 def host_key() -> str:
     """What decides whether bf16 pays off: the CPU model, its bf16/AMX/AVX-512 flags, the core
-    count and the torch build."""
+    count, the torch build and any ONEDNN_MAX_CPU_ISA cap."""
     model, flags = "unknown", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -106,7 +131,9 @@ def host_key() -> str:
                 model = value.strip()
             elif name.strip() == "flags":
                 flags = {f for f in value.split() if f.startswith(("avx512", "amx"))}
-    return f"{model}|{' '.join(sorted(flags))}|{os.cpu_count()}|torch {torch.__version__}"
+    key = f"{model}|{' '.join(sorted(flags))}|{os.cpu_count()}|torch {torch.__version__}"
+    # A capped oneDNN is another host kind: its speeds must not reuse the uncapped ones.
+    return f"{key}|onednn<={onednn_isa_cap()}" if onednn_isa_cap() else key
 
 
 def measure_bf16_speedup(purpose: str) -> float:

@@ -136,3 +136,31 @@ def test_cpu_device_reuses_freed_tensor_memory_instead_of_faulting_it_in_again()
 
     assert faults("none") > 30000
     assert faults("cpu") < 1000
+
+
+@pytest.mark.parametrize(
+    ("cap", "native"), [("avx2", False), ("AVX512_CORE", False), ("AVX512_CORE_AMX", True)]
+)
+def test_onednn_isa_cap_decides_native_bf16(monkeypatch, tmp_path, cap: str, native: bool) -> None:
+    # ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon makes oneDNN emulate bf16 (as an AVX2 EPYC does):
+    # reading the CPU flags alone chose bf16 there, about 7x slower than fp32; and the cached
+    # speedup of the uncapped host was reused for the capped one.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n")
+    real_path = device_module.Path
+    monkeypatch.setattr(
+        device_module, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p)
+    )
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    device_module.cpu_has_native_bf16.cache_clear()
+    try:
+        assert device_module.cpu_has_native_bf16()
+        uncapped_key = device_module.host_key()
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        device_module.cpu_has_native_bf16.cache_clear()
+        assert device_module.cpu_has_native_bf16() is native
+        assert device_module.host_key() != uncapped_key
+    finally:
+        monkeypatch.undo()
+        device_module.cpu_has_native_bf16.cache_clear()
