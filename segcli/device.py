@@ -261,12 +261,43 @@ def data_workers(requested: int | None, device: torch.device) -> int:
     return 2
 
 
+def _inductor_default_cache_dir() -> Path:
+    """Inductor's own default cache folder, `torchinductor_USER` in the temp folder."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # torch < 2.6 kept it beside the other runtime helpers
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+    return Path(default_cache_dir())
+
+
+def inductor_cache_dir() -> Path:
+    """Where `compiled` has inductor keep its on-disk cache: one folder per host kind (`host_key`),
+    vector ISA (`ATEN_CPU_CAPABILITY` included) and thread count, inside inductor's default
+    folder. Inductor keys its cache without the vector ISA it generated code for: on an AVX-512
+    Xeon, kernels compiled under ATEN_CPU_CAPABILITY=avx2 and reused without it corrupted the
+    heap ("malloc_consolidate(): invalid chunk size"), and the reverse gave NaN logits (torch
+    2.14.1). One cache folder reached from CPUs of different kinds (a shared /tmp or home, a
+    container image) fares alike."""
+    import hashlib
+
+    kind = f"{host_key()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
+    digest = hashlib.sha256(kind.encode()).hexdigest()[:12]
+    return _inductor_default_cache_dir() / f"segcli-{digest}"
+
+
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """`torch.compile(model)`, without inductor's warning that a CPU-only machine has no CUDA
-    runtime (it is harmless there and would be the only line on stderr)."""
+    """`torch.compile(model)` with its kernel cache in `inductor_cache_dir()` unless the user chose
+    another TORCHINDUCTOR_CACHE_DIR, and without inductor's warning that a CPU-only machine has
+    no CUDA runtime (it is harmless there and would be the only line on stderr)."""
     import logging
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # Inductor writes its default into the variable the first time it looks (importing
+    # torchvision already does), so only that value or none is ours to replace. It reads the
+    # variable whenever it opens its cache, in this process and its compile workers alike.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or Path(chosen) == _inductor_default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
     return torch.compile(model)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -164,3 +167,65 @@ def test_onednn_isa_cap_decides_native_bf16(monkeypatch, tmp_path, cap: str, nat
     finally:
         monkeypatch.undo()
         device_module.cpu_has_native_bf16.cache_clear()
+
+
+COMPILE_AND_COMPARE = """
+import torch
+from segcli.device import compiled
+from segcli.models import build_model
+
+torch.manual_seed(0)
+model = build_model("fcn", "vgg11", classes=3, stride=32, fc_width=64).eval()
+image = torch.randn(1, 3, 96, 128)
+with torch.no_grad():
+    eager, fast = model(image), compiled(model)(image)
+print("max difference", (eager - fast).abs().max().item())
+"""
+
+
+def test_compile_cache_is_one_folder_per_vector_isa_and_thread_count(monkeypatch, tmp_path) -> None:
+    # Inductor's own cache folder is shared by every vector ISA and thread count, and its keys
+    # omit the ISA: AVX2 kernels reused on an AVX-512 CPU corrupted the heap (the slow test
+    # below shows it end to end). A user's own TORCHINDUCTOR_CACHE_DIR is theirs to keep.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # inductor's default is under it
+    folders = {}
+    for capability, threads in (("AVX2", 2), ("AVX512", 2), ("AVX2", 1)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        for inherited in (None, str(device_module._inductor_default_cache_dir())):
+            if inherited is None:
+                monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+            else:
+                monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inherited)
+            device_module.compiled(torch.nn.Identity())
+            folders[capability, threads, inherited] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert len(set(folders.values())) == 3  # same folder whether inductor had set its default
+    assert all(folder.startswith(str(tmp_path)) for folder in folders.values())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    device_module.compiled(torch.nn.Identity())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512",
+    reason="needs a CPU with two vector ISAs (AVX2 and AVX-512) to compile for",
+)
+def test_compiled_kernels_are_not_reused_for_another_vector_isa(tmp_path) -> None:
+    # Inductor keys its on-disk cache without the vector ISA: an FCN compiled under
+    # ATEN_CPU_CAPABILITY=avx2 and then run on the same AVX-512 CPU without it reused the AVX2
+    # kernels and corrupted the heap (and the reverse gave NaN logits, 54% of pixels flipped).
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)  # inductor's default cache folder lives there
+    for capability in ("avx2", None):
+        run_env = dict(env, ATEN_CPU_CAPABILITY=capability) if capability else env
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_AND_COMPARE],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        difference = float(done.stdout.split()[-1])
+        assert difference < 1e-4, (capability, difference)
