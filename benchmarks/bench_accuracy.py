@@ -73,7 +73,13 @@ def cpu_name() -> str:
         kind = "AVX-512 without bf16"
     else:
         kind = "AVX2 only" if "avx2" in flags else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores, {kind}"
+    caps = [
+        f"{name}={os.environ[name]}"
+        for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if os.environ.get(name)
+    ]
+    capped = f" (kernels capped: {', '.join(caps)})" if caps else ""
+    return f"{model}, {os.cpu_count()} cores, {kind}{capped}"
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -261,13 +261,18 @@ def data_workers(requested: int | None, device: torch.device) -> int:
     return 2
 
 
-def _inductor_default_cache_dir() -> Path:
-    """Inductor's own default cache folder, `torchinductor_USER` in the temp folder."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-    except ImportError:  # torch < 2.6 kept it beside the other runtime helpers
-        from torch._inductor.runtime.runtime_utils import default_cache_dir
-    return Path(default_cache_dir())
+def _inductor_default_cache_dir() -> Path | None:
+    """Inductor's own default cache folder (`torchinductor_USER` in the temp folder), from the
+    module that holds it in this torch release; None if neither does."""
+    import importlib
+
+    for module in (
+        "torch._inductor.runtime.cache_dir_utils",
+        "torch._inductor.runtime.runtime_utils",
+    ):
+        with contextlib.suppress(ImportError, AttributeError):
+            return Path(importlib.import_module(module).default_cache_dir())
+    return None
 
 
 def inductor_cache_dir() -> Path:
@@ -279,10 +284,12 @@ def inductor_cache_dir() -> Path:
     2.14.1). One cache folder reached from CPUs of different kinds (a shared /tmp or home, a
     container image) fares alike."""
     import hashlib
+    import tempfile
 
     kind = f"{host_key()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}"
     digest = hashlib.sha256(kind.encode()).hexdigest()[:12]
-    return _inductor_default_cache_dir() / f"segcli-{digest}"
+    base = _inductor_default_cache_dir() or Path(tempfile.gettempdir()) / "torchinductor"
+    return base / f"segcli-{digest}"
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
