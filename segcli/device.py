@@ -133,7 +133,8 @@ def host_key() -> str:
                 flags = {f for f in value.split() if f.startswith(("avx512", "amx"))}
     key = f"{model}|{' '.join(sorted(flags))}|{os.cpu_count()}|torch {torch.__version__}"
     # A capped oneDNN is another host kind: its speeds must not reuse the uncapped ones.
-    return f"{key}|onednn<={onednn_isa_cap()}" if onednn_isa_cap() else key
+    cap = onednn_isa_cap()
+    return f"{key}|onednn<={cap}" if cap else key
 
 
 def measure_bf16_speedup(purpose: str) -> float:

@@ -169,20 +169,6 @@ def test_onednn_isa_cap_decides_native_bf16(monkeypatch, tmp_path, cap: str, nat
         device_module.cpu_has_native_bf16.cache_clear()
 
 
-COMPILE_AND_COMPARE = """
-import torch
-from segcli.device import compiled
-from segcli.models import build_model
-
-torch.manual_seed(0)
-model = build_model("fcn", "vgg11", classes=3, stride=32, fc_width=64).eval()
-image = torch.randn(1, 3, 96, 128)
-with torch.no_grad():
-    eager, fast = model(image), compiled(model)(image)
-print("max difference", (eager - fast).abs().max().item())
-"""
-
-
 def test_compile_cache_is_one_folder_per_vector_isa_and_thread_count(monkeypatch, tmp_path) -> None:
     # Inductor's own cache folder is shared by every vector ISA and thread count, and its keys
     # omit the ISA: AVX2 kernels reused on an AVX-512 CPU corrupted the heap (the slow test
@@ -206,6 +192,20 @@ def test_compile_cache_is_one_folder_per_vector_isa_and_thread_count(monkeypatch
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
+COMPILE_AND_COMPARE = """
+import torch
+from segcli.device import compiled
+from segcli.models import build_model
+
+torch.manual_seed(0)
+model = build_model("fcn", "vgg11", classes=3, stride=32, fc_width=64).eval()
+image = torch.randn(1, 3, 96, 128)
+with torch.no_grad():
+    eager, fast = model(image), compiled(model)(image)
+print("max difference", (eager - fast).abs().max().item())
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() != "AVX512",
@@ -214,7 +214,7 @@ def test_compile_cache_is_one_folder_per_vector_isa_and_thread_count(monkeypatch
 def test_compiled_kernels_are_not_reused_for_another_vector_isa(tmp_path) -> None:
     # Inductor keys its on-disk cache without the vector ISA: an FCN compiled under
     # ATEN_CPU_CAPABILITY=avx2 and then run on the same AVX-512 CPU without it reused the AVX2
-    # kernels and corrupted the heap (and the reverse gave NaN logits, 54% of pixels flipped).
+    # kernels and corrupted the heap (and the reverse gave NaN logits: 54% pixel agreement).
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["TMPDIR"] = str(tmp_path)  # inductor's default cache folder lives there
     for capability in ("avx2", None):
