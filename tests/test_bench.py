@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -58,6 +59,35 @@ def test_cli_json(seg) -> None:
     fraction = result["achieved_gflops"] / result["matmul_peak_gflops"]
     assert result["peak_fraction"] == pytest.approx(fraction, rel=1e-9)
     assert 0 < result["peak_fraction"] < 1.5
+
+
+def test_dense_peak_times_slow_products_twice_and_keeps_the_fastest_run() -> None:
+    # Catches a peak measurement that runs a fixed ten products whatever they cost (40 s of
+    # emulated bf16 GEMMs per `seg bench --dtype bf16` on an AVX2-only CPU) and one that
+    # reports the mean or the last run instead of the fastest.
+    calls = 0
+
+    def slow() -> None:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.3)
+
+    assert bench_engine.fastest_run(slow, lambda: None, budget_s=0.5) >= 0.3
+    assert calls == 3  # one warm-up, then two timed runs
+    calls = 0
+    assert bench_engine.fastest_run(slow, lambda: None, budget_s=0.25) >= 0.3
+    assert calls == 2  # a warm-up over the budget is the first timed run
+
+    durations = iter([0.0, 0.03, 0.002, 0.03, 0.03, 0.03, 0.03, 0.03, 0.03])
+    calls = 0
+
+    def quick() -> None:
+        nonlocal calls
+        calls += 1
+        time.sleep(next(durations))
+
+    assert bench_engine.fastest_run(quick, lambda: None, budget_s=0.5) < 0.02
+    assert calls == 9  # one warm-up and the eight runs that fit in the budget
 
 
 def test_variant_matrix_compares_with_eager_fp32() -> None:
