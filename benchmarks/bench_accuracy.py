@@ -44,8 +44,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from segcli.device import cpu_has_native_bf16
-
 IGNORE = 255
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -67,7 +65,8 @@ def cpu_name() -> str:
         "unknown CPU",
     )
     flags = set(info.split())
-    if cpu_has_native_bf16():
+    # The hardware from its flags; a kernel cap (which `--amp auto` honours) is named after it.
+    if {"avx512_bf16", "amx_bf16"} & flags:
         kind = "AVX512-BF16"
     elif "avx512f" in flags:
         kind = "AVX-512 without bf16"

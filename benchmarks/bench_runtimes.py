@@ -27,15 +27,16 @@ import torch
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 from segcli.bench import randomise_batchnorm
-from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
+from segcli.checkpoint import CheckpointInfo, load_model, model_build_config, save_checkpoint
 from segcli.data import ClassMapping
-from segcli.device import cpu_has_native_bf16, host_key
+from segcli.device import Precision, cpu_has_native_bf16, host_key
 from segcli.infer.onnx_model import INPUT_NAME, load_onnx
 from segcli.infer.runtimes import cached_onnx, installed
 from segcli.infer.segmenter import Segmenter
 from segcli.models import build_model
 
 CLASSES = 21
+FP32_NCHW = Precision(None, channels_last=False)
 
 
 def photo_batch(batch: int, size: int) -> torch.Tensor:
@@ -67,8 +68,12 @@ def write_checkpoint(folder: Path, size: int) -> Path:
     return path
 
 
+def nchw_segmenter(checkpoint: Path) -> Segmenter:
+    model, info = load_model(checkpoint)
+    return Segmenter(model, info, device=torch.device("cpu"), precision=FP32_NCHW)
+
+
 def int8_segmenter(checkpoint: Path, size: int) -> Segmenter:
-    from segcli.device import Precision
     from segcli.quantize import quantize_onnx
 
     fp32 = cached_onnx(checkpoint, "onnxruntime")
@@ -77,9 +82,7 @@ def int8_segmenter(checkpoint: Path, size: int) -> Segmenter:
     inputs = (image[None].numpy() for image in calibration)
     quantize_onnx(fp32, quantized, inputs, checkpoint.parent, INPUT_NAME)
     model, info = load_onnx(quantized)
-    return Segmenter(
-        model, info, device=torch.device("cpu"), precision=Precision(None, channels_last=False)
-    )
+    return Segmenter(model, info, device=torch.device("cpu"), precision=FP32_NCHW)
 
 
 def main() -> None:
@@ -97,7 +100,8 @@ def main() -> None:
         ).eval()
         variants = {"torchvision eager fp32 (reference)": lambda: reference(images)["out"]}
         segmenters = {
-            "segcli torch fp32": Segmenter.load(checkpoint, device="cpu", amp="off"),
+            # --amp off keeps channels_last on CPU, like auto's fp32: this row is plain NCHW.
+            "segcli torch fp32 NCHW": nchw_segmenter(checkpoint),
             "segcli torch (--amp auto)": Segmenter.load(checkpoint, device="cpu"),
         }
         for runtime in ("onnxruntime", "openvino"):
@@ -112,7 +116,7 @@ def main() -> None:
         for name, segmenter in segmenters.items():
             variants[name] = lambda segmenter=segmenter: segmenter.logits(images)
         with torch.inference_mode():
-            truth = segmenters["segcli torch fp32"].logits(images).argmax(1)
+            truth = segmenters["segcli torch fp32 NCHW"].logits(images).argmax(1)
             agreement = {
                 name: float((s.logits(images).argmax(1) == truth).float().mean())
                 for name, s in segmenters.items()
