@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import random
@@ -775,6 +776,12 @@ class Trainer:
         try:
             return self._run()
         finally:
+            # The DDP wrapper holds the process group and its reducer: released before the
+            # group is destroyed, not at interpreter exit, where a stopped rank sometimes
+            # aborted ("terminate called without an active exception", exit -6).
+            if hasattr(self, "step_model"):
+                self.step_model = self.model
+                gc.collect()
             shutdown_distributed(self.context)
             torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
             torch.backends.cudnn.benchmark = saved[2]
