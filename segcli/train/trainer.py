@@ -779,7 +779,7 @@ class Trainer:
             # The DDP wrapper holds the process group and its reducer: released before the
             # group is destroyed, not at interpreter exit, where a stopped rank sometimes
             # aborted ("terminate called without an active exception", exit -6).
-            if hasattr(self, "step_model"):
+            if self.context.enabled and hasattr(self, "step_model"):
                 self.step_model = self.model
                 gc.collect()
             shutdown_distributed(self.context)
