@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from segcli.device import onednn_isa_cap
+
 IGNORE = 255
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -72,11 +74,10 @@ def cpu_name() -> str:
         kind = "AVX-512 without bf16"
     else:
         kind = "AVX2 only" if "avx2" in flags else "no AVX2"
-    caps = [
-        f"{name}={os.environ[name]}"
-        for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-        if os.environ.get(name)
-    ]
+    # The same reading of the oneDNN cap as `--amp auto`'s, older DNNL_ name included.
+    caps = [f"oneDNN <= {onednn_isa_cap()}"] if onednn_isa_cap() else []
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        caps.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
     capped = f" (kernels capped: {', '.join(caps)})" if caps else ""
     return f"{model}, {os.cpu_count()} cores, {kind}{capped}"
 
