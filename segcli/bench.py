@@ -119,18 +119,18 @@ def time_steps(
     first warm-up step's seconds (where compilation and allocator growth happen)."""
     first = 0.0
     for index in range(warmup):
-        started = time.perf_counter()
-        step()
-        sync()
+        seconds = timed(step, sync)
         if index == 0:
-            first = time.perf_counter() - started
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - started)
-    return times, first
+            first = seconds
+    return [timed(step, sync) for _ in range(iters)], first
+
+
+def timed(step: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Seconds of one `step` with its queued device work."""
+    started = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - started
 
 
 class PeakMemory:
@@ -211,17 +211,11 @@ def fastest_run(
     as the first run). bf16 on a CPU without AVX512-BF16 is emulated (about 2.3 s per 1024^3
     GEMM on AVX2 kernels): timed twice instead of ten times, its peak took 10 s instead of the
     42 s it added to every `seg bench --dtype bf16` there."""
-    started = time.perf_counter()
-    product()
-    sync()
-    first = time.perf_counter() - started
+    first = timed(product, sync)
     # A product that slow is its own warm-up: allocation and dispatch are lost in its time.
     times = [first] if first >= budget_s else []
     while len(times) < most and (len(times) < 2 or sum(times) < budget_s):
-        started = time.perf_counter()
-        product()
-        sync()
-        times.append(time.perf_counter() - started)
+        times.append(timed(product, sync))
     return min(times)
 
 
