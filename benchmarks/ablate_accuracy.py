@@ -21,6 +21,8 @@ Settings (defaults in brackets):
              (Goyal et al. 2017), so each block starts as the identity; 0 sets it back to
              torchvision's 1 (what segcli did before) [1]
     warmup=EPOCHS: linear warm-up of the cosine [0]
+    weights=auto|sqrt|W,W,...: class weights for a `wce` loss term: median frequency over
+             the train split (`--class-weights auto`), its square root, or given [none]
 
 Run one at a time on an idle machine; compare lines of the same run length, not absolute
 seconds across machines. smp (segmentation-models-pytorch) is needed only for model=smp.
@@ -47,7 +49,7 @@ from segcli.data import (
 from segcli.device import Precision
 from segcli.infer.evaluate import evaluate
 from segcli.infer.segmenter import Segmenter
-from segcli.losses import build_loss
+from segcli.losses import build_loss, median_frequency_weights
 from segcli.models import build_model
 from segcli.train.optim import build_optimizer, build_scheduler
 
@@ -67,6 +69,7 @@ DEFAULTS = {
     "seed": 0,
     "zir": 1,
     "warmup": 0.0,
+    "weights": "",
 }
 
 
@@ -129,6 +132,15 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
     return model
 
 
+def class_weights(choice: str, train_pixels: list[int]) -> list[float] | None:
+    if not choice:
+        return None
+    if choice in ("auto", "sqrt"):
+        weights = median_frequency_weights(train_pixels)
+        return weights if choice == "auto" else [w**0.5 for w in weights]
+    return [float(w) for w in choice.split(",")]
+
+
 def main() -> None:
     name, opts = settings(sys.argv[1:])
     torch.manual_seed(opts["seed"])
@@ -150,7 +162,12 @@ def main() -> None:
     model = build(opts, classes).to(memory_format=torch.channels_last)
     loader = build_loader(train, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True)
     val_loader = build_loader(val, 16, False, 0, 0, "cpu")
-    criterion = build_loss(opts["loss"], num_classes=classes, ignore_index=255)
+    criterion = build_loss(
+        opts["loss"],
+        num_classes=classes,
+        ignore_index=255,
+        class_weights=class_weights(opts["weights"], report.splits["train"].class_pixels),
+    )
     optimizer = build_optimizer(model, "adamw", lr=opts["lr"], weight_decay=opts["wd"])
     schedule = build_scheduler(
         optimizer,
