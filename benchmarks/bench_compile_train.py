@@ -18,27 +18,7 @@ import statistics
 import time
 
 import torch
-
-from segcli.device import resolve_precision, to_device
-from segcli.losses import build_loss
-from segcli.models import build_model
-from segcli.train.optim import build_optimizer
-
-
-def training_step(model: torch.nn.Module, classes: int, images, masks, precision):
-    cpu = torch.device("cpu")
-    optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=1e-4)
-    criterion = build_loss("ce+0.5*dice", num_classes=classes)
-
-    def step() -> None:
-        with precision.autocast(cpu):
-            loss = criterion(model(to_device(images, cpu, precision)), masks)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-
-    return step
+from bench_train import add_model_arguments, training_model, training_step
 
 
 def seconds_per_step(step, steps: int) -> float:
@@ -50,26 +30,20 @@ def seconds_per_step(step, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="unet")
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    precision = resolve_precision("auto", torch.device("cpu"))
-    eager = build_model(args.arch, args.backbone, in_channels=3, classes=args.classes).train()
-    if precision.channels_last:
-        eager = eager.to(memory_format=torch.channels_last)
+    eager = training_model(args, args.classes)
     compiled = torch.compile(copy.deepcopy(eager))
     images = torch.randn(args.batch_size, 3, args.size, args.size)
     masks = torch.randint(0, args.classes, (args.batch_size, args.size, args.size))
     steps = {
-        "eager": training_step(eager, args.classes, images, masks, precision),
-        "compiled": training_step(compiled, args.classes, images, masks, precision),
+        name: training_step(model, "ce+0.5*dice", args.classes, images, masks)
+        for name, model in (("eager", eager), ("compiled", compiled))
     }
     print(f"compiled first step (compile included): {seconds_per_step(steps['compiled'], 1):.1f} s")
     for step in steps.values():

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,25 +46,46 @@ def seg_train_rate(args: argparse.Namespace, data: Path, out: Path) -> float:
     return sum(rates) / len(rates)
 
 
-def bare_loop_rate(args: argparse.Namespace, steps: int) -> float:
+def training_step(
+    model: torch.nn.Module, loss: str, classes: int, images: torch.Tensor, masks: torch.Tensor
+) -> Callable[[], None]:
+    """One bare training step (forward under `--amp auto`'s precision, backward, fused AdamW)
+    on one ready batch, with nothing of `seg train` around it."""
     cpu = torch.device("cpu")
     precision = resolve_precision("auto", cpu)
-    model = build_model(args.arch, args.backbone, in_channels=3, classes=3).train()
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "adamw", lr=1e-3)
-    criterion = build_loss("ce", num_classes=3)
-    images = torch.randn(args.batch_size, 3, args.size, args.size)
-    masks = torch.randint(0, 3, (args.batch_size, args.size, args.size))
+    criterion = build_loss(loss, num_classes=classes)
 
     def step() -> None:
         with precision.autocast(cpu):
-            loss = criterion(model(to_device(images, cpu, precision)), masks)
-        loss.backward()
+            value = criterion(model(to_device(images, cpu, precision)), masks)
+        value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
+        value.item()
 
+    return step
+
+
+def training_model(args: argparse.Namespace, classes: int) -> torch.nn.Module:
+    """The benchmarked model in training mode, in `--amp auto`'s memory format."""
+    model = build_model(args.arch, args.backbone, in_channels=3, classes=classes).train()
+    if resolve_precision("auto", torch.device("cpu")).channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="unet")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def bare_loop_rate(args: argparse.Namespace, steps: int) -> float:
+    images = torch.randn(args.batch_size, 3, args.size, args.size)
+    masks = torch.randint(0, 3, (args.batch_size, args.size, args.size))
+    step = training_step(training_model(args, 3), "ce", 3, images, masks)
     for _ in range(2):
         step()
     started = time.perf_counter()
@@ -74,10 +96,7 @@ def bare_loop_rate(args: argparse.Namespace, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="unet")
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
