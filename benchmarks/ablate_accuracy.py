@@ -21,6 +21,10 @@ Settings (defaults in brackets):
              (Goyal et al. 2017), so each block starts as the identity; 0 sets it back to
              torchvision's 1 (what segcli did before) [1]
     warmup=EPOCHS: linear warm-up of the cosine [0]
+    sampling=uniform|rare: rare draws training images with replacement, each weighted by
+             max(1, sqrt(0.3 / f)) of the rarest class it holds, f being the fraction of
+             training images holding that class (repeat-factor sampling, Gupta et al. 2019);
+             an epoch keeps its number of batches [uniform]
     weights=auto|sqrt|W,W,...: class weights for a `wce` loss term: median frequency over
              the train split (`--class-weights auto`), its square root, or given [none]
 
@@ -70,6 +74,7 @@ DEFAULTS = {
     "zir": 1,
     "warmup": 0.0,
     "weights": "",
+    "sampling": "uniform",
 }
 
 
@@ -141,6 +146,20 @@ def class_weights(choice: str, train_pixels: list[int]) -> list[float] | None:
     return [float(w) for w in choice.split(",")]
 
 
+def repeat_factor_sampler(
+    dataset: SegmentationDataset, classes: int, seed: int
+) -> torch.utils.data.WeightedRandomSampler:
+    holds = torch.zeros(len(dataset), classes, dtype=torch.bool)
+    for index in range(len(dataset)):
+        labels = dataset[index][1].unique()
+        holds[index, labels[labels < classes]] = True
+    image_fraction = holds.float().mean(0).clamp_min(1e-12)
+    repeat = (0.3 / image_fraction).sqrt().clamp_min(1.0)
+    weights = (holds.float() * repeat).amax(1).clamp_min(1.0)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=generator)
+
+
 def main() -> None:
     name, opts = settings(sys.argv[1:])
     torch.manual_seed(opts["seed"])
@@ -160,7 +179,13 @@ def main() -> None:
     val = SegmentationDataset(report.info, "val", **common)
     classes = report.mapping.num_classes
     model = build(opts, classes).to(memory_format=torch.channels_last)
-    loader = build_loader(train, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True)
+    sampler = None
+    if opts["sampling"] == "rare":
+        unaugmented = SegmentationDataset(report.info, "train", **common)
+        sampler = repeat_factor_sampler(unaugmented, classes, opts["seed"])
+    loader = build_loader(
+        train, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True, sampler=sampler
+    )
     val_loader = build_loader(val, 16, False, 0, 0, "cpu")
     criterion = build_loss(
         opts["loss"],
