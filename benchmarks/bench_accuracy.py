@@ -75,7 +75,8 @@ def cpu_name() -> str:
     else:
         kind = "AVX2 only" if "avx2" in flags else "no AVX2"
     # The same reading of the oneDNN cap as `--amp auto`'s, older DNNL_ name included.
-    caps = [f"oneDNN <= {onednn_isa_cap()}"] if onednn_isa_cap() else []
+    onednn_cap = onednn_isa_cap()
+    caps = [f"oneDNN <= {onednn_cap}"] if onednn_cap else []
     if os.environ.get("ATEN_CPU_CAPABILITY"):
         caps.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
     capped = f" (kernels capped: {', '.join(caps)})" if caps else ""
