@@ -36,7 +36,17 @@ from torch import nn
 
 from segcli.errors import UsageError
 
-LOSS_NAMES: tuple[str, ...] = ("ce", "wce", "focal", "dice", "bce", "jaccard", "tversky", "lovasz")
+LOSS_NAMES: tuple[str, ...] = (
+    "ce",
+    "wce",
+    "focal",
+    "ohem",
+    "dice",
+    "bce",
+    "jaccard",
+    "tversky",
+    "lovasz",
+)
 
 # Denominators of ratios are clamped to this so empty classes give 0, never 0/0.
 _EPS = 1e-6
@@ -141,6 +151,36 @@ class _Focal(_Term):
         if self.alpha is not None:
             loss = torch.where(batch.target > 0, self.alpha, 1 - self.alpha) * loss
         return batch.valid_mean(loss)
+
+
+class _HardPixelCrossEntropy(_Term):
+    """Online hard example mining: cross-entropy averaged over the valid pixels whose target
+    probability is below `threshold`, or over the hardest `min_fraction` of them when fewer are
+    that hard (the OhemCrossEntropy of HRNet and mmsegmentation, with the minimum given as a
+    fraction so it does not depend on the crop size). Easy pixels stop diluting the mean, so
+    small and rare classes keep their share of the gradient late in training."""
+
+    name = "ohem"
+
+    def __init__(self, threshold: float = 0.7, min_fraction: float = 1 / 16) -> None:
+        super().__init__()
+        self.log_threshold = math.log(threshold)
+        self.min_fraction = min_fraction
+
+    def compute(self, batch: _Batch) -> torch.Tensor:
+        nll = -batch.log_prob_target
+        valid = batch.valid
+        valid_count = int(batch.num_valid.item())
+        if valid_count == 0:
+            return (nll * 0).sum()
+        hard = valid & (nll > -self.log_threshold)
+        min_kept = max(1, math.ceil(valid_count * self.min_fraction))
+        if int(hard.sum().item()) < min_kept:
+            # The min_kept-th largest loss among valid pixels becomes the cut.
+            candidates = torch.where(valid, nll.detach(), torch.full_like(nll, -1.0))
+            cut = candidates.flatten().topk(min_kept).values[-1]
+            hard = valid & (nll.detach() >= cut)
+        return nll[hard].mean()
 
 
 def _region_sums(
@@ -349,6 +389,8 @@ def build_loss(
             term = _CrossEntropy("wce", class_weights)
         elif name == "focal":
             term = _Focal(focal_gamma, focal_alpha)
+        elif name == "ohem":
+            term = _HardPixelCrossEntropy()
         elif name in ("dice", "jaccard", "tversky"):
             term = _Region(name, dice_include_background, tversky_alpha, tversky_beta)
         else:

@@ -8,7 +8,7 @@ from segcli.errors import UsageError
 from segcli.losses import LOSS_NAMES, build_loss, median_frequency_weights
 
 IGNORE = 255
-MULTICLASS = ("ce", "wce", "focal", "dice", "jaccard", "tversky", "lovasz")
+MULTICLASS = ("ce", "wce", "focal", "ohem", "dice", "jaccard", "tversky", "lovasz")
 BINARY = LOSS_NAMES
 
 
@@ -86,6 +86,25 @@ def test_focal_hand_value_with_alpha():
     bg = 0.75 * 0.4**2 * -math.log(0.6)
     loss = make("focal", 1, focal_gamma=2, focal_alpha=0.25)(logits, target)
     assert loss.item() == pytest.approx((fg + bg) / 2, rel=1e-5)
+
+
+def test_ohem_averages_the_pixels_below_the_probability_threshold():
+    # Target probabilities 0.5, 0.6 and 0.65 are below 0.7; the 13 others (0.9) are easy and
+    # an ignored pixel (0.1) is hard but must not count. Catches easy pixels left in the mean,
+    # a threshold applied to the wrong side, or ignored pixels counted as hard.
+    probs = [0.5, 0.6, 0.65] + [0.9] * 13 + [0.1]
+    logits, target = binary_input(probs, [1] * 16 + [IGNORE])
+    expected = -(math.log(0.5) + math.log(0.6) + math.log(0.65)) / 3
+    assert make("ohem", 1)(logits, target).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ohem_keeps_the_hardest_sixteenth_when_too_few_pixels_are_hard():
+    # 32 valid pixels, none below 0.7: the hardest ceil(32 / 16) = 2 (0.75 and 0.8) are kept.
+    # Catches an empty selection (a zero or NaN loss that stops learning late in training).
+    probs = [0.75, 0.8] + [0.95] * 30
+    logits, target = binary_input(probs, [1] * 32)
+    expected = -(math.log(0.75) + math.log(0.8)) / 2
+    assert make("ohem", 1)(logits, target).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_lovasz_hinge_hand_value():
@@ -323,7 +342,7 @@ def test_joint_loss_is_weighted_sum_and_describes_itself():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("foo", "unknown loss 'foo'; valid: ce, wce, focal, dice, bce, jaccard, tversky, lovasz"),
+        ("foo", "unknown loss 'foo'; valid: ce, wce, focal, ohem, dice, bce, jaccard, tversky, lovasz"),
         ("dice+", "malformed"),
         ("x*dice", "bad weight"),
         ("-1*dice", "bad weight"),
