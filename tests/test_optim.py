@@ -199,6 +199,103 @@ def test_state_dict_is_json_and_resumes_the_same_curve():
         other.load_state_dict(state)
 
 
+def cosine_lr(t: float) -> float:
+    return (1 + math.cos(math.pi * t)) / 2
+
+
+def test_plan_epochs_moves_the_end_of_a_cosine_without_a_jump():
+    # Catches a re-plan that jumps the lr (the curve recomputed as if it had always ended at
+    # the new epoch count: a cut from 10 to 2 epochs after 3 of 30 steps would drop it from
+    # 0.98 to 0.5), a tail that does not end at the new end, and a tail that is not the rest
+    # of the cosine stretched over the remaining steps.
+    optimizer = build_optimizer(small_model(), "sgd", lr=1.0)
+    schedule = build_scheduler(optimizer, "cosine", epochs=10, steps_per_epoch=3)
+    for _ in range(3):
+        schedule.step_iteration()
+    before = schedule.current_lr()
+    assert before == pytest.approx(cosine_lr(0.1))
+    schedule.plan_epochs(2)
+    assert schedule.current_lr() == before
+    tail = []
+    for _ in range(3):
+        schedule.step_iteration()
+        tail.append(schedule.current_lr())
+    # t goes from 0.1 to 1 in three equal steps: 0.4, 0.7, 1.0.
+    assert tail == pytest.approx([cosine_lr(0.4), cosine_lr(0.7), 0.0], abs=1e-12)
+    assert schedule.annealed
+
+
+def test_plan_epochs_during_warmup_keeps_the_whole_curve_after_it():
+    # Catches an anchor taken inside the warm-up, which would start the decay at the planned
+    # point instead of after warm-up.
+    optimizer = build_optimizer(small_model(), "sgd", lr=1.0)
+    schedule = build_scheduler(optimizer, "cosine", epochs=10, steps_per_epoch=2, warmup_epochs=1)
+    schedule.step_iteration()
+    schedule.plan_epochs(3)
+    got = [schedule.current_lr()]
+    for _ in range(4):
+        schedule.step_iteration()
+        got.append(schedule.current_lr())
+    assert got == pytest.approx(lr_curve("cosine", epochs=3, steps=2, warmup_epochs=1)[1:])
+
+
+def test_more_epochs_after_a_finished_curve_follow_the_tail_of_a_longer_one():
+    # Catches a finished cosine stretched from its end (every added step at min_lr = 0, so a
+    # time limit's extra epoch could not learn) and one restarted at the peak lr.
+    optimizer = build_optimizer(small_model(), "sgd", lr=1.0)
+    schedule = build_scheduler(optimizer, "cosine", epochs=2, steps_per_epoch=2)
+    for _ in range(3):
+        schedule.step_iteration()
+    assert not schedule.annealed
+    schedule.step_iteration()
+    assert schedule.annealed and schedule.current_lr() == 0.0
+    schedule.plan_epochs(4)
+    tail = [schedule.current_lr()]
+    for _ in range(4):
+        schedule.step_iteration()
+        tail.append(schedule.current_lr())
+    assert tail == pytest.approx([*lr_curve("cosine", epochs=4, steps=2)[4:], 0.0], abs=1e-12)
+    for name in ("step", "plateau", "none"):
+        other = build_scheduler(optimizer, name, epochs=1, steps_per_epoch=1)
+        other.step_iteration()
+        assert not other.annealed, name
+
+
+def test_a_resumed_re_planned_schedule_keeps_its_curve_and_can_be_extended():
+    # Catches a saved state that forgets a time limit's re-planned end (the resumed run would
+    # follow the curve of --epochs instead) and a resume with more epochs that jumps the lr
+    # back up instead of stretching the tail from where it was.
+    optimizer = build_optimizer(small_model(), "sgd", lr=1.0)
+    schedule = build_scheduler(optimizer, "cosine", epochs=50, steps_per_epoch=2)
+    for _ in range(2):
+        schedule.step_iteration()
+    schedule.plan_epochs(4)
+    schedule.step_iteration()
+    state = json.loads(json.dumps(schedule.state_dict(), allow_nan=False))
+    expected = [schedule.current_lr()]
+    for _ in range(3):
+        schedule.step_iteration()
+        expected.append(schedule.current_lr())
+    resumed = build_scheduler(
+        build_optimizer(small_model(), "sgd", lr=1.0), "cosine", epochs=50, steps_per_epoch=2
+    )
+    resumed.load_state_dict(state)
+    resumed.plan_epochs(4)  # what the trainer does on resume; same end, so no change
+    got = [resumed.current_lr()]
+    for _ in range(3):
+        resumed.step_iteration()
+        got.append(resumed.current_lr())
+    assert got == pytest.approx(expected, abs=1e-12)
+    extended = build_scheduler(
+        build_optimizer(small_model(), "sgd", lr=1.0), "cosine", epochs=50, steps_per_epoch=2
+    )
+    extended.load_state_dict(state)
+    extended.plan_epochs(6)
+    assert extended.current_lr() == pytest.approx(expected[0])
+    extended.step_iteration()
+    assert expected[1] < extended.current_lr() < expected[0]
+
+
 def test_scheduler_usage_errors():
     optimizer = build_optimizer(small_model(), "sgd", lr=1.0)
     with pytest.raises(UsageError, match="valid: " + ", ".join(SCHEDULERS)):

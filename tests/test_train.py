@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from segcli.checkpoint import load_model, read_checkpoint
 from segcli.errors import RuntimeFailure, UsageError
 from segcli.train.config import TrainConfig
-from segcli.train.optim import build_optimizer, build_scheduler
 from segcli.train.state import load_training_state
 from segcli.train.trainer import Trainer
 from tests.helpers import fast_train_config
@@ -195,17 +194,36 @@ def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monk
     assert records[-1]["lr"] < 0.2e-3
 
 
-def test_plan_epochs_moves_the_end_of_a_cosine():
-    model = torch.nn.Linear(2, 2)
-    optimizer = build_optimizer(model, "sgd", lr=1.0)
-    schedule = build_scheduler(optimizer, "cosine", epochs=10, steps_per_epoch=3)
-    for _ in range(3):
-        schedule.step_iteration()
-    schedule.plan_epochs(2)  # 3 of 6 iterations done: halfway, lr = 0.5
-    assert schedule.current_lr() == pytest.approx(0.5)
-    for _ in range(3):
-        schedule.step_iteration()
-    assert schedule.current_lr() == pytest.approx(0.0, abs=1e-12)
+def test_time_limit_extends_a_run_whose_lr_has_annealed_with_an_epoch_that_learns(
+    tmp_path, monkeypatch
+):
+    # Epochs of 90, 90 and 10 s under a 5-minute limit: after epoch 3 the 3-epoch cosine has
+    # reached lr 0, and the mean cost (63 s) fits one more epoch in the 110 s left. Catches a
+    # time limit that leaves that time unused, and an extra epoch run at lr 0 (its weights
+    # would not move).
+    import segcli.train.trainer as trainer_module
+
+    clock = SteppedClock(0.0)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    train_epoch = Trainer._train_epoch
+    costs = iter([90.0, 90.0, 10.0, 100.0])
+    moved = []
+
+    def timed_epoch(self, epoch, stop):
+        clock.offset += next(costs)
+        before = [p.detach().clone() for p in self.model.parameters()]
+        result = train_epoch(self, epoch, stop)
+        after = list(self.model.parameters())
+        moved.append(any(not torch.equal(a, b) for a, b in zip(after, before, strict=True)))
+        return result
+
+    monkeypatch.setattr(Trainer, "_train_epoch", timed_epoch)
+    Trainer(fast_config(tmp_path, epochs=50, time_limit=5.0, previews=0)).run()
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epochs"] for r in records] == [3, 3, 4, 4]
+    assert records[2]["lr"] == 0.0 and records[3]["lr"] == 0.0
+    assert moved == [True, True, True, True]
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ The learning rate of iteration i (0-based, the lr used by optimizer step i + 1) 
 
     lr(i) = warmup(i) * schedule(i)
     warmup(i) = (i + 1) / W for i < W, else 1            W = round(warmup_epochs * steps_per_epoch)
-    poly:    min_lr + (lr - min_lr) * (1 - t) ** power    t = (i - W) / (T - W) clamped to [0, 1]
-    cosine:  min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2      T = epochs * steps_per_epoch
+    poly:    min_lr + (lr - min_lr) * (1 - t) ** power
+    cosine:  min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2
+    t = t0 + (1 - t0) * (i - i0) / (T - i0) clamped to [t0, 1]    T = epochs * steps_per_epoch
     step:    max(min_lr, lr * gamma ** (epochs_done // step_size))
     plateau: max(min_lr, lr * gamma ** reductions), one reduction each time val mIoU has not
              improved (relative threshold 1e-4) for more than `patience` epochs, as torch's
@@ -20,7 +21,11 @@ The learning rate of iteration i (0-based, the lr used by optimizer step i + 1) 
     none:    lr
 
 so poly and cosine decay over the iterations after warm-up and reach min_lr once all T are done
-(the same curves as torch's PolynomialLR and CosineAnnealingLR stepped per iteration).
+(the same curves as torch's PolynomialLR and CosineAnnealingLR stepped per iteration). The anchor
+(i0, t0) is (W, 0) until `plan_epochs` moves the end (a time limit re-plans after every epoch,
+a resume may raise `epochs`): it then becomes (the current iteration, its t), so the lr carries
+on from where it is and only the rest of the curve is stretched or squeezed, without a jump.
+Only a curve that has already reached min_lr and gets more epochs goes back to (W, 0).
 """
 
 from __future__ import annotations
@@ -153,6 +158,8 @@ class LRSchedule:
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.iteration = 0
         self.epoch = 0
+        self.anchor_iteration = self.warmup_iterations
+        self.anchor_progress = 0.0
         self.reductions = 0  # plateau: how many times the lr was multiplied by gamma
         self.best: float | None = None
         self.bad_epochs = 0
@@ -164,10 +171,34 @@ class LRSchedule:
         self._apply()
 
     def plan_epochs(self, epochs: int) -> None:
-        """Re-plan poly/cosine to end after `epochs` epochs (a time limit decides how many fit);
-        the lr follows the new curve from the current iteration on."""
-        self.total_iterations = epochs * self.steps_per_epoch
+        """Re-plan poly/cosine to end after `epochs` epochs (a time limit decides how many fit):
+        from the current iteration on, the rest of the curve is stretched or squeezed to the new
+        end, starting from the current lr. A curve that has already ended and gets more epochs
+        goes on with the tail of one curve over all of them (a low lr falling to min_lr)."""
+        total = epochs * self.steps_per_epoch
+        if self.annealed and total > self.total_iterations:
+            # Stretching a finished curve would leave every new step at min_lr, which cannot
+            # learn: follow the last stretch of one curve over the whole new length instead.
+            self.anchor_iteration, self.anchor_progress = self.warmup_iterations, 0.0
+        elif self.iteration > self.anchor_iteration:
+            self.anchor_progress = self.progress()
+            self.anchor_iteration = self.iteration
+        self.total_iterations = total
         self._apply()
+
+    def progress(self) -> float:
+        """t of the module docstring's formulas at the current iteration: 0 until warm-up ends,
+        1 once poly/cosine have reached min_lr."""
+        done = self.iteration - self.anchor_iteration
+        if done <= 0:
+            return self.anchor_progress
+        span = max(1, self.total_iterations - self.anchor_iteration)
+        return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * done / span)
+
+    @property
+    def annealed(self) -> bool:
+        """True once a poly/cosine schedule has reached its end (min_lr)."""
+        return self.name in ("poly", "cosine") and self.progress() >= 1.0
 
     def step_epoch(self, val_miou: float | None = None) -> None:
         """Call after each epoch (and its validation, if any). NaN or None mIoU leaves the
@@ -189,8 +220,7 @@ class LRSchedule:
         i = self.iteration
         warmup = (i + 1) / self.warmup_iterations if i < self.warmup_iterations else 1.0
         if self.name in ("poly", "cosine"):
-            span = max(1, self.total_iterations - self.warmup_iterations)
-            t = min(1.0, max(0.0, (i - self.warmup_iterations) / span))
+            t = self.progress()
             shape = (
                 (1 - t) ** self.power if self.name == "poly" else (1 + math.cos(math.pi * t)) / 2
             )
@@ -216,6 +246,9 @@ class LRSchedule:
             "name": self.name,
             "iteration": self.iteration,
             "epoch": self.epoch,
+            "total_iterations": self.total_iterations,
+            "anchor_iteration": self.anchor_iteration,
+            "anchor_progress": self.anchor_progress,
             "base_lrs": list(self.base_lrs),
             "reductions": self.reductions,
             "best": self.best,
@@ -233,6 +266,11 @@ class LRSchedule:
         self.base_lrs = base_lrs
         self.iteration = int(state["iteration"])
         self.epoch = int(state["epoch"])
+        # States saved before the anchor existed had neither key: their curve ran from (W, 0)
+        # to the end of the epochs they were built with.
+        self.total_iterations = int(state.get("total_iterations", self.total_iterations))
+        self.anchor_iteration = int(state.get("anchor_iteration", self.warmup_iterations))
+        self.anchor_progress = float(state.get("anchor_progress", 0.0))
         self.reductions = int(state["reductions"])
         best = state["best"]
         self.best = None if best is None else float(best)

@@ -575,7 +575,9 @@ class Trainer:
             self.planned_epochs = min(
                 self.config.epochs, int(state.get("planned_epochs", 0)) or self.config.epochs
             )
-            self.scheduler.plan_epochs(self.planned_epochs)
+        # The saved schedule ends where the interrupted run planned it; a raised or lowered
+        # --epochs moves that end from the current lr on.
+        self.scheduler.plan_epochs(self.planned_epochs)
         if self.start_epoch >= self.config.epochs:
             raise UsageError(
                 f"`resume`: the run already finished {self.start_epoch} epochs; raise `epochs` "
