@@ -21,6 +21,8 @@ Settings (defaults in brackets):
              (Goyal et al. 2017), so each block starts as the identity; 0 sets it back to
              torchvision's 1 (what segcli did before) [1]
     warmup=EPOCHS: linear warm-up of the cosine [0]
+    beta2=F: AdamW's second-moment decay; 0.99 forgets old gradient scales within about 100
+             steps instead of 1000 (an 8-epoch run at 128x160 has 568) [0.999]
     sampling=uniform|rare: rare draws training images with replacement, each weighted by
              max(1, sqrt(0.3 / f)) of the rarest class it holds, f being the fraction of
              training images holding that class (repeat-factor sampling, Gupta et al. 2019);
@@ -73,6 +75,7 @@ DEFAULTS = {
     "seed": 0,
     "zir": 1,
     "warmup": 0.0,
+    "beta2": 0.999,
     "weights": "",
     "sampling": "uniform",
 }
@@ -194,6 +197,8 @@ def main() -> None:
         class_weights=class_weights(opts["weights"], report.splits["train"].class_pixels),
     )
     optimizer = build_optimizer(model, "adamw", lr=opts["lr"], weight_decay=opts["wd"])
+    for group in optimizer.param_groups:
+        group["betas"] = (0.9, opts["beta2"])
     schedule = build_scheduler(
         optimizer,
         "cosine",
