@@ -342,7 +342,10 @@ def test_joint_loss_is_weighted_sum_and_describes_itself():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("foo", "unknown loss 'foo'; valid: ce, wce, focal, ohem, dice, bce, jaccard, tversky, lovasz"),
+        (
+            "foo",
+            "unknown loss 'foo'; valid: ce, wce, focal, ohem, dice, bce, jaccard, tversky, lovasz",
+        ),
         ("dice+", "malformed"),
         ("x*dice", "bad weight"),
         ("-1*dice", "bad weight"),
