@@ -169,17 +169,15 @@ class _HardPixelCrossEntropy(_Term):
 
     def compute(self, batch: _Batch) -> torch.Tensor:
         nll = -batch.log_prob_target
-        valid = batch.valid
         valid_count = int(batch.num_valid.item())
         if valid_count == 0:
-            return (nll * 0).sum()
-        hard = valid & (nll > -self.log_threshold)
+            return batch.valid_mean(nll)
+        hard = batch.valid & (nll > -self.log_threshold)
         min_kept = max(1, math.ceil(valid_count * self.min_fraction))
         if int(hard.sum().item()) < min_kept:
             # The min_kept-th largest loss among valid pixels becomes the cut.
-            candidates = torch.where(valid, nll.detach(), torch.full_like(nll, -1.0))
-            cut = candidates.flatten().topk(min_kept).values[-1]
-            hard = valid & (nll.detach() >= cut)
+            cut = nll.detach()[batch.valid].topk(min_kept).values[-1]
+            hard = batch.valid & (nll.detach() >= cut)
         return nll[hard].mean()
 
 
