@@ -27,6 +27,9 @@ Settings (defaults in brackets):
              max(1, sqrt(0.3 / f)) of the rarest class it holds, f being the fraction of
              training images holding that class (repeat-factor sampling, Gupta et al. 2019);
              an epoch keeps its number of batches [uniform]
+    crop=F, crop_epochs=N: progressive crops: the first N epochs train on random crops of F
+             times the size (same object scale: the zoom still resizes to the full size),
+             so each costs about F squared of an epoch; the schedule spans all epochs [1, 0]
     weights=auto|sqrt|W,W,...: class weights for a `wce` loss term: median frequency over
              the train split (`--class-weights auto`), its square root, or given [none]
 
@@ -52,6 +55,7 @@ from segcli.data import (
     check_dataset,
     default_normalization,
 )
+from segcli.data.transforms import Rescale
 from segcli.device import Precision
 from segcli.infer.evaluate import evaluate
 from segcli.infer.segmenter import Segmenter
@@ -78,6 +82,8 @@ DEFAULTS = {
     "beta2": 0.999,
     "weights": "",
     "sampling": "uniform",
+    "crop": 1.0,
+    "crop_epochs": 0,
 }
 
 
@@ -179,6 +185,19 @@ def main() -> None:
     train = SegmentationDataset(report.info, "train", augment=augment, **common)
     if opts["aug"] == "smp":
         train.transform = ScaleCropFlip((height, width), mean, std)
+    small_crops = None
+    if opts["crop_epochs"] and opts["aug"] == "zoom":
+        crop = (round(height * opts["crop"]), round(width * opts["crop"]))
+        small_crops = SegmentationDataset(report.info, "train", augment=augment, **common)
+        small_crops.transform = v2.Compose(
+            [
+                Rescale(*augment.zoom, size=(height, width)),
+                v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Mask: 255, "others": 0}),
+                *train.transform.transforms[2:],
+            ]
+        )
+    elif opts["crop_epochs"]:
+        sys.exit("crop_epochs needs aug=zoom")
     val = SegmentationDataset(report.info, "val", **common)
     classes = report.mapping.num_classes
     model = build(opts, classes).to(memory_format=torch.channels_last)
@@ -188,6 +207,9 @@ def main() -> None:
         sampler = repeat_factor_sampler(unaugmented, classes, opts["seed"])
     loader = build_loader(
         train, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True, sampler=sampler
+    )
+    small_loader = small_crops and build_loader(
+        small_crops, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True
     )
     val_loader = build_loader(val, 16, False, 0, 0, "cpu")
     criterion = build_loss(
@@ -219,7 +241,7 @@ def main() -> None:
         model.train()
         total = seen = 0
         epoch_started = time.perf_counter()
-        for images, masks in loader:
+        for images, masks in small_loader if epoch < opts["crop_epochs"] else loader:
             loss = criterion(model(images.contiguous(memory_format=torch.channels_last)), masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
