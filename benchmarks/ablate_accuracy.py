@@ -21,6 +21,9 @@ Settings (defaults in brackets):
              (Goyal et al. 2017), so each block starts as the identity; 0 sets it back to
              torchvision's 1 (what segcli did before) [1]
     warmup=EPOCHS: linear warm-up of the cosine [0]
+    sched=cosine|poly, power=F: the decay to 0 (`--scheduler`); poly with power 1 is the
+             linear decay that Li et al. 2020 (Budgeted Training) found best under a fixed
+             budget [cosine, 0.9]
     beta2=F: AdamW's second-moment decay; 0.99 forgets old gradient scales within about 100
              steps instead of 1000 (an 8-epoch run at 128x160 has 568) [0.999]
     sampling=uniform|rare: rare draws training images with replacement, each weighted by
@@ -82,6 +85,8 @@ DEFAULTS = {
     "beta2": 0.999,
     "weights": "",
     "sampling": "uniform",
+    "sched": "cosine",
+    "power": 0.9,
     "crop": 1.0,
     "crop_epochs": 0,
 }
@@ -223,8 +228,9 @@ def main() -> None:
         group["betas"] = (0.9, opts["beta2"])
     schedule = build_scheduler(
         optimizer,
-        "cosine",
+        opts["sched"],
         epochs=opts["epochs"],
+        power=opts["power"],
         steps_per_epoch=len(loader),
         warmup_epochs=opts["warmup"],
     )
