@@ -42,6 +42,7 @@ seconds across machines. smp (segmentation-models-pytorch) is needed only for mo
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -58,7 +59,6 @@ from segcli.data import (
     check_dataset,
     default_normalization,
 )
-from segcli.data.transforms import Rescale
 from segcli.device import Precision
 from segcli.infer.evaluate import evaluate
 from segcli.infer.segmenter import Segmenter
@@ -193,12 +193,13 @@ def main() -> None:
     small_crops = None
     if opts["crop_epochs"] and opts["aug"] == "zoom":
         crop = (round(height * opts["crop"]), round(width * opts["crop"]))
-        small_crops = SegmentationDataset(report.info, "train", augment=augment, **common)
+        small_crops = copy.copy(train)
         small_crops.transform = v2.Compose(
             [
-                Rescale(*augment.zoom, size=(height, width)),
-                v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Mask: 255, "others": 0}),
-                *train.transform.transforms[2:],
+                v2.RandomCrop(crop, pad_if_needed=True, fill=step.fill)
+                if isinstance(step, v2.RandomCrop)
+                else step
+                for step in train.transform.transforms
             ]
         )
     elif opts["crop_epochs"]:
