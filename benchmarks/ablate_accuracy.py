@@ -35,6 +35,16 @@ Settings (defaults in brackets):
              so each costs about F squared of an epoch; the schedule spans all epochs [1, 0]
     weights=auto|sqrt|W,W,...: class weights for a `wce` loss term: median frequency over
              the train split (`--class-weights auto`), its square root, or given [none]
+    aux=W, aux_at=I,I,...: deep supervision: a 1x1 head on the output of each listed decoder
+             block (0 the deepest), upsampled to the mask, adds W times the loss on it
+             (each head's share W / its count) [0, 2]
+    aux_res=full|side: the side loss on logits upsampled to the mask (full) or on the mask
+             downsampled (nearest) to the side output (side) [full]
+    attention=none|cbam|self: segcli's `--attention` after each decoder block [none]
+    head=F: scales the classifier's initial weights (and zeroes its bias), so the first
+             logits are F times as large [1]
+    opt=adamw|sgd|adam|rmsprop: the optimizer (`--optimizer`; sgd with Nesterov momentum
+             0.9) [adamw]
 
 Run one at a time on an idle machine; compare lines of the same run length, not absolute
 seconds across machines. smp (segmentation-models-pytorch) is needed only for model=smp.
@@ -89,6 +99,12 @@ DEFAULTS = {
     "power": 0.9,
     "crop": 1.0,
     "crop_epochs": 0,
+    "aux": 0.0,
+    "aux_at": "2",
+    "aux_res": "full",
+    "opt": "adamw",
+    "attention": "none",
+    "head": 1.0,
 }
 
 
@@ -136,6 +152,7 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
         return smp.Unet("resnet18", encoder_weights=None, classes=classes)
     extra = {"decoder_channels": opts["decoder"]} if opts["decoder"] else {}
     extra["up"] = opts["up"]
+    extra["attention"] = opts["attention"]
     model = build_model("unet", "resnet18", 3, classes, **extra)
     if not opts["zir"]:
         # The encoder is a feature-extraction graph: its blocks are plain Modules, found by
@@ -144,11 +161,35 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
             last = getattr(block, "bn3", None) or getattr(block, "bn2", None)
             if isinstance(last, torch.nn.BatchNorm2d):
                 torch.nn.init.ones_(last.weight)
+    if opts["head"] != 1.0:
+        with torch.no_grad():
+            model.head.classify.weight.mul_(opts["head"])
+            if model.head.classify.bias is not None:
+                model.head.classify.bias.zero_()
     if opts["init"] == "torch":
         for layer in [*model.decoder.modules(), *model.head.modules()]:
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
                 layer.reset_parameters()
     return model
+
+
+def add_aux_heads(model: torch.nn.Module, at: list[int], classes: int) -> list[torch.Tensor]:
+    """1x1 heads on the chosen decoder blocks' outputs; returns the list their logits land in
+    on every training forward (cleared by the caller)."""
+    outputs: list[torch.Tensor] = []
+    heads = torch.nn.ModuleDict()
+    for index in at:
+        block = model.decoder[index]
+        width = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1].num_features
+        head = heads[str(index)] = torch.nn.Conv2d(width, classes, 1)
+
+        def keep(_module, _inputs, output, head=head) -> None:
+            if _module.training:
+                outputs.append(head(output))
+
+        block.register_forward_hook(keep)
+    model.aux_heads = heads
+    return outputs
 
 
 def class_weights(choice: str, train_pixels: list[int]) -> list[float] | None:
@@ -206,7 +247,13 @@ def main() -> None:
         sys.exit("crop_epochs needs aug=zoom")
     val = SegmentationDataset(report.info, "val", **common)
     classes = report.mapping.num_classes
-    model = build(opts, classes).to(memory_format=torch.channels_last)
+    model = build(opts, classes)
+    aux_logits = (
+        add_aux_heads(model, [int(i) for i in opts["aux_at"].split(",")], classes)
+        if opts["aux"]
+        else []
+    )
+    model = model.to(memory_format=torch.channels_last)
     sampler = None
     if opts["sampling"] == "rare":
         unaugmented = SegmentationDataset(report.info, "train", **common)
@@ -224,9 +271,12 @@ def main() -> None:
         ignore_index=255,
         class_weights=class_weights(opts["weights"], report.splits["train"].class_pixels),
     )
-    optimizer = build_optimizer(model, "adamw", lr=opts["lr"], weight_decay=opts["wd"])
-    for group in optimizer.param_groups:
-        group["betas"] = (0.9, opts["beta2"])
+    optimizer = build_optimizer(
+        model, opts["opt"], lr=opts["lr"], weight_decay=opts["wd"], nesterov=opts["opt"] == "sgd"
+    )
+    if opts["opt"] in ("adam", "adamw"):
+        for group in optimizer.param_groups:
+            group["betas"] = (0.9, opts["beta2"])
     schedule = build_scheduler(
         optimizer,
         opts["sched"],
@@ -250,6 +300,20 @@ def main() -> None:
         epoch_started = time.perf_counter()
         for images, masks in small_loader if epoch < opts["crop_epochs"] else loader:
             loss = criterion(model(images.contiguous(memory_format=torch.channels_last)), masks)
+            if aux_logits:
+                share = opts["aux"] / len(aux_logits)
+                for logits in aux_logits:
+                    if opts["aux_res"] == "side":
+                        small = torch.nn.functional.interpolate(
+                            masks[:, None].float(), size=logits.shape[-2:], mode="nearest"
+                        )
+                        loss = loss + share * criterion(logits, small[:, 0].long())
+                        continue
+                    upsampled = torch.nn.functional.interpolate(
+                        logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                    loss = loss + share * criterion(upsampled, masks)
+                aux_logits.clear()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

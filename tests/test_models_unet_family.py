@@ -90,6 +90,7 @@ def test_gradients_reach_the_first_layer(arch):
 @pytest.mark.parametrize(
     ("arch", "options", "aux_count"),
     [
+        ("unet", {"deep_supervision": True}, 2),
         ("unetpp", {"deep_supervision": True}, 3),
         ("unet3p", {"deep_supervision": True}, 4),
         ("unet3p", {"cgm": True}, 0),
@@ -105,6 +106,23 @@ def test_deep_supervision_returns_full_size_side_outputs_in_training(arch, optio
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 40, 56)).shape == (1, 3, 40, 56)
+
+
+@pytest.mark.parametrize("backbone", ["none", "resnet18"])
+def test_unet_side_heads_leave_inference_and_the_main_path_unchanged(backbone):
+    # Bug caught: side outputs taken from (or written back into) the decoder's main path, or
+    # side heads that run at inference and so reach export and predict.
+    torch.manual_seed(0)
+    plain = build_model("unet", backbone, 3, 4).eval()
+    supervised = build_model("unet", backbone, 3, 4, deep_supervision=True)
+    missing, unexpected = supervised.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("side_heads.") for k in missing)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(supervised.eval()(x), plain(x))
+        supervised.train()
+        plain.train()
+        assert torch.allclose(supervised(x)["out"], plain(x), atol=1e-6)
 
 
 def test_cgm_switches_off_absent_foreground_classes_only():
@@ -216,8 +234,9 @@ def test_decoder_channels_build_the_lighter_decoder_they_name():
 def test_fast_decoder_is_the_resnet_default_and_counts_as_its_layout_says():
     # The fast decoder by hand: nearest upsampling (no parameters), DoubleConv(previous + skip
     # -> width) at 1/16..1/2, a fifth DoubleConv at full resolution without a skip, then a 3x3
-    # classifier with bias. A default that silently stayed published, a fifth block that took a
-    # skip, or a lost head bias each change the count.
+    # classifier with bias, and CBAM after every block. A default that silently stayed
+    # published, a fifth block that took a skip, a lost head bias or a lost attention each
+    # change the count; the published form keeps no attention.
     def double_conv(c_in, c_out):
         return 9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out
 
@@ -227,14 +246,23 @@ def test_fast_decoder_is_the_resnet_default_and_counts_as_its_layout_says():
     for width, skip in zip(widths, skips, strict=True):
         decoder += double_conv(previous + skip, width)
         previous = width
+
+    def cbam(channels):  # a shared 2-layer MLP (hidden C/16, at least 1) and a 7x7 2->1 conv
+        hidden = max(channels // 16, 1)
+        return 2 * channels * hidden + hidden + channels + 2 * 49
+
     classes = 3
     head = 9 * 16 * classes + classes
+    attention = sum(cbam(width) for width in widths)
     default = build_on_meta("unet", "resnet18", 3, classes)
-    assert count_parameters(default) == encoder + decoder + head
+    assert count_parameters(default) == encoder + decoder + attention + head
     named = build_on_meta("unet", "resnet18", 3, classes, decoder_channels="fast")
     assert count_parameters(named) == count_parameters(default)
     assert default.build_config["options"]["decoder_channels"] == "256,128,64,32,16"
     assert default.build_config["options"]["up"] == "nearest"
+    assert default.build_config["options"]["attention"] == "cbam"
+    published = build_on_meta("unet", "resnet18", 3, classes, decoder_channels="published")
+    assert published.build_config["options"]["attention"] == "none"
 
 
 def test_fast_decoder_keeps_odd_sizes_and_learns_through_every_block():
@@ -242,7 +270,13 @@ def test_fast_decoder_keeps_odd_sizes_and_learns_through_every_block():
     out = model(torch.randn(2, 3, 45, 71))
     assert out.shape == (2, 2, 45, 71)
     out.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    # Every block's convolutions learn. CBAM's channel MLP is left out: at 16 channels its one
+    # hidden unit can be off (ReLU) for a given batch, which zeroes its gradient there.
+    convs = [p for name, p in model.decoder.named_parameters() if ".conv." in name]
+    assert len(convs) == 2 * 3 * len(model.decoder)  # two convs: weight, BatchNorm weight, bias
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in convs)
+    spatial_gates = [block.attention.spatial.weight for block in model.decoder]
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in spatial_gates)
 
 
 @pytest.mark.parametrize(

@@ -53,14 +53,16 @@ Down = Annotated[
 Attention = Annotated[
     str | None,
     typer.Option(
-        help="UNet family decoder attention: none | cbam | self.", rich_help_panel=MODEL_PANEL
+        help="UNet family decoder attention: none | cbam | self [UNet's fast decoder: cbam; "
+        "else none].",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 DeepSupervision = Annotated[
     bool | None,
     typer.Option(
         "--deep-supervision/--no-deep-supervision",
-        help="UNet++/UNet3+ side outputs trained with the main one.",
+        help="Side outputs trained with the main one: UNet++, UNet3+, and UNet (at 1/8 and 1/4).",
         rich_help_panel=MODEL_PANEL,
     ),
 ]

@@ -10,8 +10,8 @@ from torch import nn
 
 from segcli.errors import UsageError, choose
 from segcli.models.attention import ATTENTION_KINDS, attention_block
-from segcli.models.base import SegmentationModel
-from segcli.models.blocks import DoubleConv, SegmentationHead, Upsample2x, he_init
+from segcli.models.base import ModelOutput, SegmentationModel
+from segcli.models.blocks import DoubleConv, SegmentationHead, Upsample2x, he_init, resize_to
 from segcli.models.encoders import DOWNSAMPLING, ENCODERS, build_encoder
 from segcli.models.registry import register_model
 
@@ -30,6 +30,10 @@ DECODERS = {
     "fast": ((256, 128, 64, 32, 16), "nearest"),
 }
 DECODER_WIDTHS = DECODERS["published"][0]
+# Deep supervision: 1x1 side heads on the decoder outputs at these fractions of the input,
+# each trained with `aux_weight` x the loss (measured in the README's "Accuracy per
+# CPU-minute"; the coarse 1/16 and the near-final 1/2 outputs were not tried).
+SIDE_OUTPUT_REDUCTIONS = (8, 4)
 
 
 def parse_decoder_channels(value: str | Sequence[int]) -> tuple[int, ...]:
@@ -99,6 +103,7 @@ class UNet(SegmentationModel):
         pretrained: bool = False,
         backbone_weights: str | None = None,
         decoder_channels: Sequence[int] = DECODER_WIDTHS,
+        deep_supervision: bool = False,
     ) -> None:
         choose("`up`", up, UNET_UPSAMPLING)
         choose("`attention`", attention, ATTENTION_KINDS)
@@ -131,14 +136,34 @@ class UNet(SegmentationModel):
         )
         self.head = SegmentationHead(widths[-1], classes, reduction, context=full_resolution_block)
         he_init(self.decoder, self.head)
+        # Output reduction of each decoder block: that of the skip it joins, 1 for the fifth.
+        block_reductions = [*encoder.reductions[-2::-1], 1][: len(widths)]
+        self.side_blocks = [
+            index
+            for index, block_reduction in enumerate(block_reductions)
+            if deep_supervision and block_reduction in SIDE_OUTPUT_REDUCTIONS
+        ]
+        self.side_heads = nn.ModuleList(
+            nn.Conv2d(widths[index], classes, 1) for index in self.side_blocks
+        )
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+    aux_weight = 0.2  # per side output: 0.4 for the two
+
+    def forward_padded(self, x: torch.Tensor) -> ModelOutput:
         features = self.encoder(x)
         skips = features[-2::-1]
         y = features[-1]
+        sides = []
         for index, block in enumerate(self.decoder):
             y = block(y, skips[index] if index < len(skips) else None)
-        return self.head(y)
+            if self.training and index in self.side_blocks:
+                sides.append(y)
+        out = self.head(y)
+        if not sides:
+            return out
+        heads = self.side_heads
+        aux = [resize_to(head(side), x.shape[-2:]) for head, side in zip(heads, sides, strict=True)]
+        return {"out": out, "aux": aux}
 
 
 @register_model(
@@ -154,21 +179,27 @@ def unet(
     classes: int,
     up: str | None = None,
     down: str = "maxpool",
-    attention: str = "none",
+    attention: str | None = None,
     pretrained: bool = False,
     backbone_weights: str | None = None,
     decoder_channels: str | None = None,
+    deep_supervision: bool = False,
 ) -> UNet:
     """UNet. `up`: transpose | bilinear | nearest (None: the decoder's own); `down`: maxpool |
-    conv (UNet-2, plain encoder only); `attention`: none | cbam | self after each decoder block;
+    conv (UNet-2, plain encoder only); `attention`: none | cbam | self after each decoder block
+    (None: cbam with the fast decoder, none otherwise);
     `decoder_channels`: published | fast | four or five widths, deep to shallow (None: fast on
-    ResNet encoders, published otherwise). The model's `build_config` records the resolved
-    decoder and upsampling, so a checkpoint rebuilds the same model whatever the defaults."""
+    ResNet encoders, published otherwise); `deep_supervision`: side outputs at 1/8 and 1/4
+    trained with the main one (training only: inference and export use the main head). The
+    model's `build_config` records the resolved decoder, upsampling and attention, so a
+    checkpoint rebuilds the same model whatever the defaults."""
     choose("`down`", down, DOWNSAMPLING)
     decoder = decoder_channels if decoder_channels is not None else default_decoder(backbone)
     widths = parse_decoder_channels(decoder)
     if up is None:
         up = DECODERS[decoder][1] if decoder in DECODERS else "transpose"
+    if attention is None:
+        attention = "cbam" if decoder == "fast" else "none"
     model = UNet(
         backbone,
         in_channels,
@@ -179,6 +210,11 @@ def unet(
         pretrained,
         backbone_weights,
         widths,
+        deep_supervision,
     )
-    model.resolved_options = {"up": up, "decoder_channels": ",".join(map(str, widths))}
+    model.resolved_options = {
+        "up": up,
+        "attention": attention,
+        "decoder_channels": ",".join(map(str, widths)),
+    }
     return model
