@@ -41,6 +41,7 @@ Settings (defaults in brackets):
     aux_res=full|side: the side loss on logits upsampled to the mask (full) or on the mask
              downsampled (nearest) to the side output (side) [full]
     attention=none|cbam|self: segcli's `--attention` after each decoder block [none]
+    attention_at=I,I,...: keep the attention on these decoder blocks only (0 the deepest) [all]
     head=F: scales the classifier's initial weights (and zeroes its bias), so the first
              logits are F times as large [1]
     opt=adamw|sgd|adam|rmsprop: the optimizer (`--optimizer`; sgd with Nesterov momentum
@@ -105,6 +106,7 @@ DEFAULTS = {
     "opt": "adamw",
     "attention": "none",
     "head": 1.0,
+    "attention_at": "",
 }
 
 
@@ -161,6 +163,11 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
             last = getattr(block, "bn3", None) or getattr(block, "bn2", None)
             if isinstance(last, torch.nn.BatchNorm2d):
                 torch.nn.init.ones_(last.weight)
+    if opts["attention_at"]:
+        kept = {int(i) for i in opts["attention_at"].split(",")}
+        for index, block in enumerate(model.decoder):
+            if index not in kept:
+                block.attention = torch.nn.Identity()
     if opts["head"] != 1.0:
         with torch.no_grad():
             model.head.classify.weight.mul_(opts["head"])

@@ -21,9 +21,9 @@ mIoU over classes present in target or prediction. The report gives the best val
 reached at every 10 minutes, writes `accuracy.json` and `accuracy.png` (both curves against
 minutes) to `--out`. Run it on an otherwise idle machine and name the CPU beside its figures.
 
-`--throughput` instead times training steps (images/s) of segcli's default (`fast`) and
-published ResUNet18 decoders, the `--decoder-channels 256,128,64,32` form and smp's Unet,
-round-robin in one process.
+`--throughput` instead times training steps (images/s) of segcli's default ResUNet18 (`fast`
+decoder with CBAM), the same without attention, the published decoder, the
+`--decoder-channels 256,128,64,32` form and smp's Unet, round-robin in one process.
 """
 
 from __future__ import annotations
@@ -256,8 +256,9 @@ def run_segcli(args: argparse.Namespace) -> list[dict]:
 
 def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
     """Training images/s of one forward + backward + AdamW step, batch `--batch-size`, fp32
-    channels_last (and bf16 autocast where the CPU has it natively), for segcli's default and
-    published ResUNet18 decoders, the `--decoder-channels 256,128,64,32` form and smp's Unet; timed
+    channels_last (and bf16 autocast where the CPU has it natively), for segcli's default
+    ResUNet18 (fast decoder with CBAM), the same without attention, the published decoder, the
+    `--decoder-channels 256,128,64,32` form and smp's Unet; timed
     round-robin, best of `--repeats`, so load from other processes hurts all alike."""
     import segmentation_models_pytorch as smp
 
@@ -267,7 +268,10 @@ def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
 
     size = parse_size(args.size)
     models = {
-        "segcli default (fast) decoder": build_model("unet", "resnet18", 3, classes),
+        "segcli default (fast decoder, CBAM)": build_model("unet", "resnet18", 3, classes),
+        "segcli fast decoder without attention": build_model(
+            "unet", "resnet18", 3, classes, attention="none"
+        ),
         "segcli published decoder": build_model(
             "unet", "resnet18", 3, classes, decoder_channels="published"
         ),

@@ -145,6 +145,22 @@ def test_a_model_with_non_default_options_rebuilds_from_its_checkpoint(tmp_path)
     assert "Missing key" in message or "Unexpected key" in message or "size mismatch" in message
 
 
+@pytest.mark.parametrize("attention", ["none", "cbam"])
+def test_fast_decoder_files_rebuild_with_the_attention_they_were_trained_with(tmp_path, attention):
+    # Catches a fast-decoder checkpoint written before CBAM became its default (options say
+    # attention "none") rebuilt with today's default, whose CBAM weights it does not have, and
+    # a default-built file that loses its CBAM on the way back.
+    model = build_model("unet", "resnet18", 3, 2, attention=attention).eval()
+    assert model.build_config["options"]["attention"] == attention
+    path = tmp_path / "fast.safetensors"
+    save_checkpoint(path, model, small_info(model))
+    rebuilt, info = load_model(path)
+    assert info.model["options"]["attention"] == attention
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
+
+
 def test_a_checkpoint_missing_one_tensor_names_it(tmp_path):
     # Catches the error quoting torch's header line ("Error(s) in loading state_dict") when
     # torch's report has only one detail line, as it has for a single missing tensor.
