@@ -92,6 +92,8 @@ class DecoderBlock(nn.Module):
 
 
 class UNet(SegmentationModel):
+    aux_weight = 0.2  # per side output (`deep_supervision`): 0.4 for the two
+
     def __init__(
         self,
         backbone: str,
@@ -146,8 +148,6 @@ class UNet(SegmentationModel):
         self.side_heads = nn.ModuleList(
             nn.Conv2d(widths[index], classes, 1) for index in self.side_blocks
         )
-
-    aux_weight = 0.2  # per side output: 0.4 for the two
 
     def forward_padded(self, x: torch.Tensor) -> ModelOutput:
         features = self.encoder(x)
