@@ -12,15 +12,13 @@ from segcli.models import build_model
 from segcli.train.config import TrainConfig
 
 
-def write_mock_checkpoint(path: Path, seed: int = 0) -> Path:
+def write_mock_checkpoint(path: Path, seed: int = 0, attention: str | None = None) -> Path:
     """What the main job leaves in runs/unet-resnet18, with untrained seeded weights: a
     UNet-ResNet18 for the mock dataset's 3 classes, input size 64 x 64. Seeds give different
-    weights (ensemble members). Without the default CBAM: its untrained gates shrink the logits
-    about 100x (std 0.005), into near-ties that rounding flips; a trained model's are spread,
-    as these are without it."""
+    weights (ensemble members); `attention` as `build_model`'s (None: the default)."""
     mapping = check_dataset(mock_root()).mapping
     torch.manual_seed(seed)
-    model = build_model("unet", "resnet18", 3, mapping.num_classes, attention="none").eval()
+    model = build_model("unet", "resnet18", 3, mapping.num_classes, attention=attention).eval()
     info = CheckpointInfo(
         model=model_build_config(model),
         classes=mapping.to_dict(),

@@ -53,13 +53,12 @@ def write_dataset(root: Path, binary: bool) -> None:
 
 def write_checkpoint(data: Path, path: Path, patches: bool = False) -> CheckpointInfo:
     """An untrained model with everything a trained checkpoint carries: both paths must agree
-    on any weights, and random ones leave no ties in the logits (without CBAM, whose untrained
-    gates shrink them into near-ties). `patches`: as if trained with --crop 32 --scale 0.5
-    (windows of 32 over each image halved)."""
+    on any weights, and random ones leave no ties in the logits. `patches`: as if trained
+    with --crop 32 --scale 0.5 (windows of 32 over each image halved)."""
     mapping = check_dataset(data).mapping
     classes = 1 if mapping.kind == "binary" else mapping.num_classes
     torch.manual_seed(0)
-    model = build_model("unet", "resnet18", 3, classes, attention="none").eval()
+    model = build_model("unet", "resnet18", 3, classes).eval()
     info = CheckpointInfo(
         model=model_build_config(model),
         classes=mapping.to_dict(),

@@ -11,7 +11,15 @@ ATTENTION_KINDS = ("none", "cbam", "self")
 
 class CBAM(nn.Module):
     """Convolutional Block Attention Module (Woo et al. 2018): a channel gate from average- and
-    max-pooled descriptors through one shared MLP, then a 7x7 spatial gate."""
+    max-pooled descriptors through one shared MLP, then a 7x7 spatial gate.
+
+    Each gate is `gate_gain * sigmoid(...)`, with gain 2 and the layers before the sigmoids
+    zeroed, so the module starts as the identity and learns to damp or boost. The paper's
+    gates (gain 1, He-initialised) start as a random mask of about 0.25x: on
+    stanford_background (README, "Accuracy per CPU-minute") that cost 0.027 val mIoU after
+    the first epoch against no attention, where the open start cost 0.007 and ended as high.
+    Files written before the open start hold no `gate_gain` and load with gain 1, the form
+    they were trained with."""
 
     def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7) -> None:
         super().__init__()
@@ -22,13 +30,26 @@ class CBAM(nn.Module):
             nn.Conv2d(hidden, channels, 1, bias=True),
         )
         self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
+        self.register_buffer("gate_gain", torch.tensor(2.0))
+        self.open_gates()
+
+    def open_gates(self) -> None:
+        """Zero the layers that feed the sigmoids: both gates pass their input unchanged.
+        `he_init` calls this after initialising a decoder, whose pass would overwrite it."""
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        nn.init.zeros_(self.spatial.weight)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        state_dict.setdefault(prefix + "gate_gain", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         avg = self.mlp(F.adaptive_avg_pool2d(x, 1))
         peak = self.mlp(F.adaptive_max_pool2d(x, 1))
-        x = x * torch.sigmoid(avg + peak)
+        x = x * (self.gate_gain * torch.sigmoid(avg + peak))
         descriptor = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.spatial(descriptor))
+        return x * (self.gate_gain * torch.sigmoid(self.spatial(descriptor)))
 
 
 class SelfAttention(nn.Module):

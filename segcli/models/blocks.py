@@ -32,6 +32,9 @@ def he_init(*modules: nn.Module) -> None:
                 continue
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+        for layer in module.modules():
+            if hasattr(layer, "open_gates"):
+                layer.open_gates()
 
 
 class AtrousConv2d(nn.Conv2d):
