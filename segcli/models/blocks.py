@@ -17,7 +17,8 @@ def he_init(*modules: nn.Module) -> None:
     (kaiming-uniform with a = sqrt(5), fan-in counted on the wrong axis for transposed
     convolutions) shrank the deep path to 0.2-0.5x the skip at every decoder level: a ResUNet18
     on stanford_background ended 4 epochs at train loss 0.924 instead of 0.876 (README,
-    "Accuracy per CPU-minute")."""
+    "Accuracy per CPU-minute"). Modules with an `open_gates()` (CBAM) get it called last, so
+    their gates start open rather than as a He-initialised random mask."""
     for module in modules:
         for layer in module.modules():
             if isinstance(layer, nn.ConvTranspose2d):
