@@ -35,11 +35,8 @@ Settings (defaults in brackets):
              so each costs about F squared of an epoch; the schedule spans all epochs [1, 0]
     weights=auto|sqrt|W,W,...: class weights for a `wce` loss term: median frequency over
              the train split (`--class-weights auto`), its square root, or given [none]
-    aux=W, aux_at=I,I,...: deep supervision: a 1x1 head on the output of each listed decoder
-             block (0 the deepest), upsampled to the mask, adds W times the loss on it
-             (each head's share W / its count) [0, 2]
-    aux_res=full|side: the side loss on logits upsampled to the mask (full) or on the mask
-             downsampled (nearest) to the side output (side) [full]
+    deep=1|0: segcli's `--deep-supervision`: 1x1 side heads at 1/8 and 1/4, each adding
+             the model's `aux_weight` (0.2) times its loss on logits upsampled to the mask [0]
     attention=none|cbam|self: segcli's `--attention` after each decoder block [none]
     attention_at=I,I,...: keep the attention on these decoder blocks only (0 the deepest) [all]
     head=F: scales the classifier's initial weights (and zeroes its bias), so the first
@@ -76,6 +73,7 @@ from segcli.infer.segmenter import Segmenter
 from segcli.losses import build_loss, median_frequency_weights
 from segcli.models import build_model
 from segcli.train.optim import build_optimizer, build_scheduler
+from segcli.train.trainer import compute_loss
 
 DEFAULTS = {
     "data": "../shared/data/stanford_background",
@@ -100,9 +98,7 @@ DEFAULTS = {
     "power": 0.9,
     "crop": 1.0,
     "crop_epochs": 0,
-    "aux": 0.0,
-    "aux_at": "2",
-    "aux_res": "full",
+    "deep": 0,
     "opt": "adamw",
     "attention": "none",
     "head": 1.0,
@@ -155,6 +151,7 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
     extra = {"decoder_channels": opts["decoder"]} if opts["decoder"] else {}
     extra["up"] = opts["up"]
     extra["attention"] = opts["attention"]
+    extra["deep_supervision"] = bool(opts["deep"])
     model = build_model("unet", "resnet18", 3, classes, **extra)
     if not opts["zir"]:
         # The encoder is a feature-extraction graph: its blocks are plain Modules, found by
@@ -178,25 +175,6 @@ def build(opts: dict, classes: int) -> torch.nn.Module:
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
                 layer.reset_parameters()
     return model
-
-
-def add_aux_heads(model: torch.nn.Module, at: list[int], classes: int) -> list[torch.Tensor]:
-    """1x1 heads on the chosen decoder blocks' outputs; returns the list their logits land in
-    on every training forward (cleared by the caller)."""
-    outputs: list[torch.Tensor] = []
-    heads = torch.nn.ModuleDict()
-    for index in at:
-        block = model.decoder[index]
-        width = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1].num_features
-        head = heads[str(index)] = torch.nn.Conv2d(width, classes, 1)
-
-        def keep(_module, _inputs, output, head=head) -> None:
-            if _module.training:
-                outputs.append(head(output))
-
-        block.register_forward_hook(keep)
-    model.aux_heads = heads
-    return outputs
 
 
 def class_weights(choice: str, train_pixels: list[int]) -> list[float] | None:
@@ -254,13 +232,8 @@ def main() -> None:
         sys.exit("crop_epochs needs aug=zoom")
     val = SegmentationDataset(report.info, "val", **common)
     classes = report.mapping.num_classes
-    model = build(opts, classes)
-    aux_logits = (
-        add_aux_heads(model, [int(i) for i in opts["aux_at"].split(",")], classes)
-        if opts["aux"]
-        else []
-    )
-    model = model.to(memory_format=torch.channels_last)
+    model = build(opts, classes).to(memory_format=torch.channels_last)
+    aux_weight = getattr(model, "aux_weight", 0.0)  # smp's Unet has no side outputs
     sampler = None
     if opts["sampling"] == "rare":
         unaugmented = SegmentationDataset(report.info, "train", **common)
@@ -306,21 +279,8 @@ def main() -> None:
         total = seen = 0
         epoch_started = time.perf_counter()
         for images, masks in small_loader if epoch < opts["crop_epochs"] else loader:
-            loss = criterion(model(images.contiguous(memory_format=torch.channels_last)), masks)
-            if aux_logits:
-                share = opts["aux"] / len(aux_logits)
-                for logits in aux_logits:
-                    if opts["aux_res"] == "side":
-                        small = torch.nn.functional.interpolate(
-                            masks[:, None].float(), size=logits.shape[-2:], mode="nearest"
-                        )
-                        loss = loss + share * criterion(logits, small[:, 0].long())
-                        continue
-                    upsampled = torch.nn.functional.interpolate(
-                        logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
-                    )
-                    loss = loss + share * criterion(upsampled, masks)
-                aux_logits.clear()
+            output = model(images.contiguous(memory_format=torch.channels_last))
+            loss = compute_loss(output, masks, criterion, aux_weight, 255)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

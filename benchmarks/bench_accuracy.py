@@ -20,6 +20,10 @@ resized (antialiased bilinear) to SIZE, masks resized nearest, one confusion mat
 mIoU over classes present in target or prediction. The report gives the best val mIoU each had
 reached at every 10 minutes, writes `accuracy.json` and `accuracy.png` (both curves against
 minutes) to `--out`. Run it on an otherwise idle machine and name the CPU beside its figures.
+Cloud hosts drift (in one run the same epoch's training took 252 s, and 175 s fifteen minutes
+later), so before and after each side a probe times the same fixed work, training steps of
+smp's Unet at the benchmark's size and batch: sides with unequal probes ran on unequal hosts,
+and the report (`host_probe_s_per_step`) says so.
 
 `--throughput` instead times training steps (images/s) of segcli's default ResUNet18 (`fast`
 decoder with CBAM), the same without attention, the published decoder, the
@@ -212,6 +216,30 @@ def run_smp(args: argparse.Namespace, classes: int) -> list[dict]:
             return curve
 
 
+def host_probe(args: argparse.Namespace, classes: int) -> float:
+    """Seconds per training step of a fixed model (smp's Unet-ResNet18, AdamW, fp32
+    channels_last, seeded inputs), best of three after a warm-up: the host's speed now."""
+    import segmentation_models_pytorch as smp
+
+    generator = torch.Generator().manual_seed(0)
+    size = parse_size(args.size)
+    model = smp.Unet("resnet18", encoder_weights=None, classes=classes)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(args.batch_size, 3, *size, generator=generator)
+    images = images.contiguous(memory_format=torch.channels_last)
+    masks = torch.randint(0, classes, (args.batch_size, *size), generator=generator)
+    times = []
+    for _ in range(4):
+        started = time.perf_counter()
+        loss = F.cross_entropy(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
 # -- segcli, as a user runs it ----------------------------------------------------------------
 def run_segcli(args: argparse.Namespace) -> list[dict]:
     out = args.out / "segcli-run"
@@ -392,10 +420,13 @@ def main() -> None:
         }
     )
     curves = report.setdefault("curves", {})
-    if args.only in (None, "segcli"):
-        curves["segcli"] = run_segcli(args)
-    if args.only in (None, "smp"):
-        curves["smp"] = run_smp(args, classes)
+    probes = report.setdefault("host_probe_s_per_step", {})
+    runners = {"segcli": lambda: run_segcli(args), "smp": lambda: run_smp(args, classes)}
+    for name, run in runners.items():
+        if args.only in (None, name):
+            before = host_probe(args, classes)
+            curves[name] = run()
+            probes[name] = {"before": before, "after": host_probe(args, classes)}
     marks = list(range(10, int(args.minutes) + 1, 10)) or [args.minutes]
     report["best_by_minute"] = {
         str(m): {name: best_by(curve, m) for name, curve in curves.items()} for m in marks
@@ -408,6 +439,11 @@ def main() -> None:
             f"{args.data.name}, {args.size}: val mIoU vs wall-clock ({report['cpu']})",
         )
     print(f"\n{report['cpu']}; {args.data.name} at {args.size}; budget {args.minutes:g} min")
+    for name, probe in probes.items():
+        print(
+            f"host probe around {name}: {probe['before']:.2f} s per step before, "
+            f"{probe['after']:.2f} s after (same work each time)"
+        )
     print("minutes  " + "  ".join(f"{name:>8}" for name in curves))
     for m, row in report["best_by_minute"].items():
         cells = ["   n/a  " if v is None else f"{v:8.4f}" for v in row.values()]
