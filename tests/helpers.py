@@ -12,6 +12,17 @@ from segcli.models import build_model
 from segcli.train.config import TrainConfig
 
 
+def randomise_attention(model: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
+    """Give every attention module's parameters random values, as training would. CBAM starts
+    as the identity (its gate layers are zero), so a test of what an attention module computes
+    (export, a checkpoint round trip) needs gates that do something."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".attention." in name:
+                parameter.normal_(0.0, std)
+    return model
+
+
 def write_mock_checkpoint(path: Path, seed: int = 0, attention: str | None = None) -> Path:
     """What the main job leaves in runs/unet-resnet18, with untrained seeded weights: a
     UNet-ResNet18 for the mock dataset's 3 classes, input size 64 x 64. Seeds give different

@@ -19,6 +19,7 @@ from segcli.checkpoint import (
 )
 from segcli.errors import UsageError
 from segcli.models import build_model
+from tests.helpers import randomise_attention
 
 
 def small_info(built: nn.Module, **overrides) -> CheckpointInfo:
@@ -150,7 +151,9 @@ def test_fast_decoder_files_rebuild_with_the_attention_they_were_trained_with(tm
     # Catches a fast-decoder checkpoint written before CBAM became its default (options say
     # attention "none") rebuilt with today's default, whose CBAM weights it does not have, and
     # a default-built file that loses its CBAM on the way back.
-    model = build_model("unet", "resnet18", 3, 2, attention=attention).eval()
+    # Random gates: CBAM's open start is the identity, which a lost CBAM would match.
+    model = randomise_attention(build_model("unet", "resnet18", 3, 2, attention=attention))
+    model.eval()
     assert model.build_config["options"]["attention"] == attention
     path = tmp_path / "fast.safetensors"
     save_checkpoint(path, model, small_info(model))

@@ -14,13 +14,14 @@ from segcli import export as export_engine
 from segcli.checkpoint import CheckpointInfo, model_build_config, save_checkpoint
 from segcli.errors import RuntimeFailure, UsageError
 from segcli.models import MODELS, build_model
+from tests.helpers import randomise_attention
 
 SIZE = (64, 64)
 
 
 def make_checkpoint(path: Path, arch: str = "unet", backbone: str | None = "resnet18") -> Path:
     torch.manual_seed(0)
-    model = build_model(arch, backbone, in_channels=3, classes=3)
+    model = randomise_attention(build_model(arch, backbone, in_channels=3, classes=3))
     info = CheckpointInfo(
         model=model_build_config(model),
         classes={"names": ["background", "road", "car"]},
