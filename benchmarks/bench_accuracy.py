@@ -216,26 +216,37 @@ def run_smp(args: argparse.Namespace, classes: int) -> list[dict]:
             return curve
 
 
+def synthetic_batch(args: argparse.Namespace, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random images (channels_last) and masks at the benchmark's size and batch."""
+    generator = torch.Generator().manual_seed(0)
+    size = parse_size(args.size)
+    images = torch.randn(args.batch_size, 3, *size, generator=generator)
+    masks = torch.randint(0, classes, (args.batch_size, *size), generator=generator)
+    return images.contiguous(memory_format=torch.channels_last), masks
+
+
+def training_step(model, optimizer, images, masks, dtype: torch.dtype | None = None) -> None:
+    """One forward, cross-entropy, backward and optimizer step (autocast to `dtype` if given)."""
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        loss = F.cross_entropy(model(images).float(), masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def host_probe(args: argparse.Namespace, classes: int) -> float:
     """Seconds per training step of a fixed model (smp's Unet-ResNet18, AdamW, fp32
     channels_last, seeded inputs), best of three after a warm-up: the host's speed now."""
     import segmentation_models_pytorch as smp
 
-    generator = torch.Generator().manual_seed(0)
-    size = parse_size(args.size)
     model = smp.Unet("resnet18", encoder_weights=None, classes=classes)
     model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(args.batch_size, 3, *size, generator=generator)
-    images = images.contiguous(memory_format=torch.channels_last)
-    masks = torch.randint(0, classes, (args.batch_size, *size), generator=generator)
+    images, masks = synthetic_batch(args, classes)
     times = []
     for _ in range(4):
         started = time.perf_counter()
-        loss = F.cross_entropy(model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(model, optimizer, images, masks)
         times.append(time.perf_counter() - started)
     return min(times[1:])
 
@@ -294,7 +305,6 @@ def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
     from segcli.models import build_model
     from segcli.train.optim import build_optimizer
 
-    size = parse_size(args.size)
     models = {
         "segcli default (fast decoder, CBAM)": build_model("unet", "resnet18", 3, classes),
         "segcli fast decoder without attention": build_model(
@@ -308,8 +318,7 @@ def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
         ),
         "smp Unet": smp.Unet("resnet18", encoder_weights=None, classes=classes),
     }
-    images = torch.randn(args.batch_size, 3, *size).contiguous(memory_format=torch.channels_last)
-    masks = torch.randint(0, classes, (args.batch_size, *size))
+    images, masks = synthetic_batch(args, classes)
     dtypes = [None, torch.bfloat16] if cpu_has_native_bf16() else [None]
     steps = {}
     for name, model in models.items():
@@ -318,11 +327,7 @@ def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
         for dtype in dtypes:
 
             def step(model=model, optimizer=optimizer, dtype=dtype) -> None:
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                    loss = F.cross_entropy(model(images).float(), masks)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                training_step(model, optimizer, images, masks, dtype)
 
             step()
             steps[f"{name}, {'bf16' if dtype else 'fp32'} channels_last"] = step
