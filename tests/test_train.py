@@ -317,6 +317,9 @@ def test_config_file_and_flags_merge_with_flags_winning(seg, tmp_path):
         (["train", "unet", "--data", "/no/such/dir"], "/no/such/dir"),
         (["train", "unet", "--epochs", "0"], "--epochs"),
         (["train", "unet", "--time-limit", "0"], "--time-limit"),
+        (["train", "unet", "--scheduler", "poly", "--power", "0"], "--power"),
+        (["train", "unet", "--lr", "0.001", "--min-lr", "0.01"], "--min-lr"),
+        (["train", "unet", "--min-lr", "-1"], "--min-lr"),
         (["train", "unet", "--decoder-channels", "256,128"], "--decoder-channels"),
         (["train", "unet", "--config", "/no/such.toml"], "such.toml"),
         (["train", "unet", "--crop", "300"], "--crop 300 is larger than"),
@@ -589,6 +592,18 @@ def test_patience_stops_when_val_miou_stops_improving(tmp_path):
     summary = Trainer(fast_config(tmp_path, epochs=5, lr=1e-12, patience=1)).run()
     assert summary["stopped_early"] and summary["epochs_run"] == 2
     assert summary["best_epoch"] == 1
+
+
+def test_power_and_min_lr_shape_the_schedule_training_follows(tmp_path):
+    # Catches --power or --min-lr accepted but not passed to the schedule: halfway through a
+    # poly schedule the lr is min_lr + (lr - min_lr) * 0.5 ** power (power 2: 0.25 of the
+    # span; the default 0.9 would give 0.54), and the last epoch ends at min_lr, not 0.
+    lr, min_lr = 1e-2, 1e-4
+    config = fast_config(tmp_path, epochs=2, scheduler="poly", lr=lr, power=2.0, min_lr=min_lr)
+    Trainer(config).run()
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    recorded = [json.loads(line)["lr"] for line in lines]
+    assert recorded == pytest.approx([min_lr + (lr - min_lr) * 0.25, min_lr])
 
 
 def test_clip_grad_bounds_the_update(tmp_path):

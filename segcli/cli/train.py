@@ -218,6 +218,17 @@ def train(
     gamma: Annotated[
         float | None, _opt("step: decay factor [{default}].", OPT, setting="gamma")
     ] = None,
+    power: Annotated[
+        float | None, _opt("poly: exponent of (1 - t) [{default}].", OPT, setting="power")
+    ] = None,
+    min_lr: Annotated[
+        float | None,
+        _opt(
+            "The lr poly and cosine decay to, the floor of step and plateau [{default}].",
+            OPT,
+            setting="min_lr",
+        ),
+    ] = None,
     aux_weight: Annotated[float | None, _opt("Weight of auxiliary losses [per arch].", OPT)] = None,
     accum_steps: Annotated[
         int | None, _opt("Gradient accumulation steps [{default}].", OPT, setting="accum_steps")

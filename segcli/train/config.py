@@ -56,6 +56,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     step_size: int = 30
     gamma: float = 0.1
+    power: float = 0.9  # poly's exponent
+    min_lr: float = 0.0  # where poly and cosine end; the floor of step and plateau
     loss: str = "ce+0.5*dice"
     class_weights: str | None = None  # "1,2,5" or "auto"
     focal_gamma: float = 2.0
@@ -95,6 +97,12 @@ class TrainConfig:
                 raise UsageError(f"`{name}` must be at least 1, not {value}")
         if self.lr <= 0:
             raise UsageError(f"`lr` must be positive, not {self.lr}")
+        if not self.power > 0:
+            raise UsageError(f"`power` must be positive, not {self.power}")
+        if not 0 <= self.min_lr < self.lr:
+            raise UsageError(
+                f"`min_lr` {self.min_lr}: give an lr from 0 up to, not including, `lr` {self.lr}"
+            )
         if (self.workers is not None and self.workers < 0) or self.patience < 0:
             raise UsageError("`workers` and `patience` must not be negative")
         if self.time_limit is not None and not self.time_limit > 0:

@@ -304,8 +304,12 @@ def build_scheduler(
         raise UsageError(f"`step_size` must be >= 1, got {step_size}")
     if not 0 < gamma <= 1:
         raise UsageError(f"`gamma` must be in (0, 1], got {gamma}")
-    if power <= 0 or min_lr < 0 or patience < 0:
-        raise UsageError("power must be > 0, min_lr >= 0 and patience >= 0")
+    if not power > 0:
+        raise UsageError(f"`power` must be positive, not {power}")
+    if min_lr < 0:
+        raise UsageError(f"`min_lr` must not be negative, not {min_lr}")
+    if patience < 0:
+        raise UsageError(f"plateau patience must not be negative, not {patience}")
     return LRSchedule(
         optimizer,
         name,

@@ -499,6 +499,8 @@ class Trainer:
             warmup_epochs=config.warmup_epochs,
             step_size=config.step_size,
             gamma=config.gamma,
+            power=config.power,
+            min_lr=config.min_lr,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
 
