@@ -45,10 +45,17 @@ class CBAM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        avg = self.mlp(F.adaptive_avg_pool2d(x, 1))
+        # The gates are elementwise passes over every decoder map, memory-bound on a CPU. Means
+        # are taken as sums, whose backward is a broadcast view where a mean's writes a full map,
+        # and the channel max keeps its indices, whose backward scatters where amax's compares
+        # and divides: the same values and gradients in 0.75x the time (README, "CBAM").
+        channels, height, width = x.shape[1:]
+        avg = self.mlp(x.sum(dim=(2, 3), keepdim=True) / (height * width))
         peak = self.mlp(F.adaptive_max_pool2d(x, 1))
         x = x * (self.gate_gain * torch.sigmoid(avg + peak))
-        descriptor = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        descriptor = torch.cat(
+            [x.sum(dim=1, keepdim=True) / channels, x.max(dim=1, keepdim=True).values], dim=1
+        )
         return x * (self.gate_gain * torch.sigmoid(self.spatial(descriptor)))
 
 
