@@ -48,7 +48,7 @@ class CBAM(nn.Module):
         # The gates are elementwise passes over every decoder map, memory-bound on a CPU. Means
         # are taken as sums, whose backward is a broadcast view where a mean's writes a full map,
         # and the channel max keeps its indices, whose backward scatters where amax's compares
-        # and divides: the same values and gradients in 0.75x the time (README, "CBAM").
+        # and divides: the same values and gradients in 0.70x the time (benchmarks/bench_cbam.py).
         channels, height, width = x.shape[1:]
         avg = self.mlp(x.sum(dim=(2, 3), keepdim=True) / (height * width))
         peak = self.mlp(F.adaptive_max_pool2d(x, 1))
