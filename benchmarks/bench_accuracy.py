@@ -210,8 +210,10 @@ def run_smp(args: argparse.Namespace, classes: int) -> list[dict]:
         miou = validate(model, val_set, classes, args.batch_size)
         elapsed = time.perf_counter() - started
         epoch_seconds.append(time.perf_counter() - epoch_start)
-        curve.append({"epoch": epoch, "minutes": elapsed / 60, "miou": miou})
-        print(f"smp    epoch {epoch}: {elapsed / 60:5.1f} min, val mIoU {miou:.4f}", flush=True)
+        curve.append(
+            {"epoch": epoch, "minutes": elapsed / 60, "miou": miou, "ended_at": time.time()}
+        )
+        print_curve("smp", curve[-1:])
         if elapsed + epoch_seconds[-1] > budget:
             return curve
 
@@ -252,8 +254,12 @@ def host_probe(args: argparse.Namespace, classes: int) -> float:
 
 
 # -- segcli, as a user runs it ----------------------------------------------------------------
-def run_segcli(args: argparse.Namespace) -> list[dict]:
+def segcli_command(args: argparse.Namespace, minutes: float) -> tuple[list[str], Path]:
+    """The `seg train` command line with a `minutes` budget, and its (emptied) run folder."""
     out = args.out / "segcli-run"
+    if out.exists():
+        for path in out.iterdir():
+            path.unlink()
     command = [
         sys.executable,
         "-m",
@@ -267,7 +273,7 @@ def run_segcli(args: argparse.Namespace) -> list[dict]:
         "--size",
         args.size,
         "--time-limit",
-        str(args.minutes),
+        str(minutes),
         "--seed",
         str(args.seed),
         "--out",
@@ -275,22 +281,109 @@ def run_segcli(args: argparse.Namespace) -> list[dict]:
         *shlex.split(args.segcli_args),
     ]
     print("segcli:", " ".join(command[2:]), flush=True)
-    if out.exists():
-        for path in out.iterdir():
-            path.unlink()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return command, out
+
+
+def segcli_curve(out: Path) -> list[dict]:
+    """segcli's points from its run's metrics.jsonl: minutes since its first training step
+    (`wall_seconds`) and the Unix time each epoch ended."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    curve = [
-        {"epoch": r["epoch"], "minutes": r["wall_seconds"] / 60, "miou": r["val"]["miou"]}
+    return [
+        {
+            "epoch": r["epoch"],
+            "minutes": r["wall_seconds"] / 60,
+            "miou": r["val"]["miou"],
+            "ended_at": r["ended_at"],
+        }
         for r in records
     ]
+
+
+def print_curve(name: str, curve: list[dict]) -> None:
     for point in curve:
         print(
-            f"segcli epoch {point['epoch']}: {point['minutes']:5.1f} min, "
+            f"{name:<6} epoch {point['epoch']}: {point['minutes']:5.1f} min, "
             f"val mIoU {point['miou']:.4f}",
             flush=True,
         )
+
+
+def run_segcli(args: argparse.Namespace) -> list[dict]:
+    command, out = segcli_command(args, args.minutes)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    curve = segcli_curve(out)
+    print_curve("segcli", curve)
     return curve
+
+
+# -- both sides interleaved --------------------------------------------------------------------
+def active_seconds(slices: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] (Unix times) that fall inside one side's running slices."""
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in slices)
+
+
+def run_interleaved(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """segcli and smp as two processes that take turns on the whole machine, `--interleave`
+    seconds each (SIGSTOP / SIGCONT), so every minute of host drift falls on both alike. Each
+    side is given twice the budget in wall-clock, which its planner and cosine see, and its
+    points are put back on its own clock: the seconds it ran between its first training step
+    and each epoch's end."""
+    import signal
+
+    wall_minutes = 2 * args.minutes
+    smp_curve_path = args.out / "smp-curve.json"
+    smp_curve_path.unlink(missing_ok=True)
+    segcli_cmd, segcli_out = segcli_command(args, wall_minutes)
+    smp_cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *("--data", str(args.data), "--minutes", str(wall_minutes), "--size", args.size),
+        *("--batch-size", str(args.batch_size), "--seed", str(args.seed)),
+        *("--out", str(args.out), "--smp-curve", str(smp_curve_path)),
+    ]
+    children = {
+        name: subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
+        for name, command in (("segcli", segcli_cmd), ("smp", smp_cmd))
+    }
+    for child in children.values():
+        os.killpg(child.pid, signal.SIGSTOP)
+    slices: dict[str, list[tuple[float, float]]] = {name: [] for name in children}
+    try:
+        while any(child.poll() is None for child in children.values()):
+            for name, child in children.items():
+                if child.poll() is not None:
+                    if child.returncode != 0:
+                        raise SystemExit(f"{name} failed (exit {child.returncode})")
+                    # A finished side's turn stays idle: the other keeps running half the time,
+                    # as its planner and cosine (on the doubled budget) expect.
+                    if any(c.poll() is None for c in children.values()):
+                        time.sleep(args.interleave)
+                    continue
+                os.killpg(child.pid, signal.SIGCONT)
+                started = time.time()
+                try:
+                    child.wait(timeout=args.interleave)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGSTOP)
+                slices[name].append((started, time.time()))
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+    for name, child in children.items():
+        if child.returncode != 0:
+            raise SystemExit(f"{name} failed (exit {child.returncode})")
+    curves = {
+        "segcli": segcli_curve(segcli_out),
+        "smp": json.loads(smp_curve_path.read_text()),
+    }
+    for name, curve in curves.items():
+        for point in curve:
+            first_step = point["ended_at"] - point["minutes"] * 60
+            point["wall_minutes"] = point["minutes"]
+            point["minutes"] = active_seconds(slices[name], first_step, point["ended_at"]) / 60
+        print_curve(name, curve)
+    return curves
 
 
 def throughput(args: argparse.Namespace, classes: int) -> dict[str, float]:
@@ -400,6 +493,14 @@ def main() -> None:
         "--throughput", action="store_true", help="only time training steps of the three models"
     )
     parser.add_argument("--repeats", type=int, default=5, help="--throughput rounds")
+    parser.add_argument(
+        "--interleave",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run both at once, taking turns of SECONDS on the machine (0: one after the other)",
+    )
+    parser.add_argument("--smp-curve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -407,6 +508,9 @@ def main() -> None:
     from segcli.data import check_dataset
 
     classes = check_dataset(args.data).mapping.num_classes
+    if args.smp_curve:  # one side of --interleave
+        args.smp_curve.write_text(json.dumps(run_smp(args, classes)))
+        return
     if args.throughput:
         rates = throughput(args, classes)
         (args.out / "throughput.json").write_text(
@@ -426,9 +530,14 @@ def main() -> None:
     )
     curves = report.setdefault("curves", {})
     probes = report.setdefault("host_probe_s_per_step", {})
+    if args.interleave:
+        before = host_probe(args, classes)
+        curves.update(run_interleaved(args))
+        probes["both, interleaved"] = {"before": before, "after": host_probe(args, classes)}
+        report["interleave_s"] = args.interleave
     runners = {"segcli": lambda: run_segcli(args), "smp": lambda: run_smp(args, classes)}
     for name, run in runners.items():
-        if args.only in (None, name):
+        if not args.interleave and args.only in (None, name):
             before = host_probe(args, classes)
             curves[name] = run()
             probes[name] = {"before": before, "after": host_probe(args, classes)}
@@ -441,7 +550,13 @@ def main() -> None:
         plot(
             curves,
             args.out / "accuracy.png",
-            f"{args.data.name}, {args.size}: val mIoU vs wall-clock ({report['cpu']})",
+            f"{args.data.name}, {args.size}: val mIoU vs "
+            + (
+                f"minutes each ran, interleaved in {args.interleave:g} s turns"
+                if args.interleave
+                else "wall-clock"
+            )
+            + f" ({report['cpu']})",
         )
     print(f"\n{report['cpu']}; {args.data.name} at {args.size}; budget {args.minutes:g} min")
     for name, probe in probes.items():

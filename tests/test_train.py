@@ -138,6 +138,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     # A step schedule does not depend on the total epoch count, so 2 + 2 epochs must retrace
     # 4 straight ones exactly: weights, optimizer moments, LR and data order.
     schedule = {"deterministic": True, "scheduler": "step", "step_size": 1, "gamma": 0.5}
+    started = time.time()
     Trainer(fast_config(tmp_path / "a", epochs=4, **schedule)).run()
     assert not torch.are_deterministic_algorithms_enabled()  # handed back after the run
     Trainer(fast_config(tmp_path / "b", epochs=2, **schedule)).run()
@@ -153,6 +154,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     # The resumed session's wall-clock continues the first one's instead of restarting at 0.
     walls = [json.loads(line)["wall_seconds"] for line in lines]
     assert walls == sorted(walls) and walls[2] > walls[1] > 0
+    # Each line also says when its epoch ended, as Unix time (not a process-relative clock).
+    ends = [json.loads(line)["ended_at"] for line in lines]
+    assert ends == sorted(ends) and started <= ends[0] and ends[-1] <= time.time()
 
 
 class SteppedClock:
@@ -164,6 +168,9 @@ class SteppedClock:
 
     def perf_counter(self) -> float:
         return time.perf_counter() + self.offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
 
 
 def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monkeypatch):

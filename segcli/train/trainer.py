@@ -880,6 +880,7 @@ class Trainer:
                         "seconds": seconds,
                         "images_per_second": rate,
                         "wall_seconds": wall_seconds,
+                        "ended_at": time.time(),
                     }
                     if context.is_main:
                         self._save(epoch + 1, record, improved)
