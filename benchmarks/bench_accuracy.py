@@ -25,6 +25,13 @@ later), so before and after each side a probe times the same fixed work, trainin
 smp's Unet at the benchmark's size and batch: sides with unequal probes ran on unequal hosts,
 and the report (`host_probe_s_per_step`) says so.
 
+`--interleave SECONDS` removes the drift from the comparison instead: both sides run at once
+as two processes that take turns on the whole machine (SIGSTOP / SIGCONT), SECONDS each, so
+any minute of host drift falls on both alike. Each is given twice the budget in wall-clock (it
+runs half the time; segcli's `--time-limit` planner and smp's cosine both see that clock) and
+its points are put back on its own clock: the seconds it ran between its first training step
+and each epoch's end (metrics.jsonl's `ended_at` for segcli).
+
 `--throughput` instead times training steps (images/s) of segcli's default ResUNet18 (`fast`
 decoder with CBAM), the same without attention, the published decoder, the
 `--decoder-channels 256,128,64,32` form and smp's Unet, round-robin in one process.
@@ -447,9 +454,9 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     minutes = max(p["minutes"] for c in curves.values() for p in c)
     values = [p["miou"] for c in curves.values() for p in c]
     low, high = math.floor(min(values) * 20) / 20, math.ceil(max(values) * 20) / 20
-    box = (margin, 30, width - 20, height - margin)
+    box = (margin, 40, width - 20, height - margin)
     draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((margin, 10), title, fill=(0, 0, 0))
+    draw.multiline_text((margin, 6), title, fill=(0, 0, 0))
 
     def xy(m: float, v: float) -> tuple[float, float]:
         x = box[0] + (box[2] - box[0]) * m / minutes
@@ -556,7 +563,7 @@ def main() -> None:
                 if args.interleave
                 else "wall-clock"
             )
-            + f" ({report['cpu']})",
+            + f"\n{report['cpu']}",
         )
     print(f"\n{report['cpu']}; {args.data.name} at {args.size}; budget {args.minutes:g} min")
     for name, probe in probes.items():
