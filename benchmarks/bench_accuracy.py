@@ -509,6 +509,8 @@ def main() -> None:
     )
     parser.add_argument("--smp-curve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleave < 0 or (args.interleave and args.only):
+        parser.error("--interleave takes a positive number of seconds and runs both sides")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
 
