@@ -556,17 +556,13 @@ def main() -> None:
     }
     report_path.write_text(json.dumps(report, indent=2))
     if len(curves) == 2:
-        plot(
-            curves,
-            args.out / "accuracy.png",
-            f"{args.data.name}, {args.size}: val mIoU vs "
-            + (
-                f"minutes each ran, interleaved in {args.interleave:g} s turns"
-                if args.interleave
-                else "wall-clock"
-            )
-            + f"\n{report['cpu']}",
+        clock = (
+            f"minutes each ran, interleaved in {args.interleave:g} s turns"
+            if args.interleave
+            else "wall-clock"
         )
+        title = f"{args.data.name}, {args.size}: val mIoU vs {clock}\n{report['cpu']}"
+        plot(curves, args.out / "accuracy.png", title)
     print(f"\n{report['cpu']}; {args.data.name} at {args.size}; budget {args.minutes:g} min")
     for name, probe in probes.items():
         print(
