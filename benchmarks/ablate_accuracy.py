@@ -43,6 +43,13 @@ Settings (defaults in brackets):
              logits are F times as large [1]
     opt=adamw|sgd|adam|rmsprop: the optimizer (`--optimizer`; sgd with Nesterov momentum
              0.9) [adamw]
+    stop=N: stop after N epochs of a schedule planned for `epochs` (the early epochs of a long
+             run, at a fraction of its cost) [0: run them all]
+    ema=F: also score an EMA of the weights with this decay (segcli's `--ema`), reported as
+             miou_ema; training is unchanged [0: off]
+    recal=N: also score a copy whose BatchNorm running statistics are recomputed over N
+             training batches (precise BN), reported as miou_recal: tells a lag of the
+             running statistics (momentum 0.1) behind fast-moving weights from a real drop [0]
 
 Run one at a time on an idle machine; compare lines of the same run length, not absolute
 seconds across machines. smp (segmentation-models-pytorch) is needed only for model=smp.
@@ -72,6 +79,7 @@ from segcli.infer.evaluate import evaluate
 from segcli.infer.segmenter import Segmenter
 from segcli.losses import build_loss, median_frequency_weights
 from segcli.models import build_model
+from segcli.train.ema import build_ema
 from segcli.train.optim import build_optimizer, build_scheduler
 from segcli.train.trainer import compute_loss
 
@@ -103,6 +111,9 @@ DEFAULTS = {
     "attention": "none",
     "head": 1.0,
     "attention_at": "",
+    "ema": 0.0,
+    "stop": 0,
+    "recal": 0,
 }
 
 
@@ -200,6 +211,23 @@ def repeat_factor_sampler(
     return torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=generator)
 
 
+def recalibrated(model: torch.nn.Module, loader, batches: int) -> torch.nn.Module:
+    """A copy of `model` whose BatchNorm statistics are the plain mean over `batches` batches
+    (fewer if the loader has fewer)."""
+    copied = copy.deepcopy(model)
+    norms = [m for m in copied.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    copied.train()
+    with torch.no_grad():
+        for index, (images, _) in enumerate(loader):
+            if index == batches:
+                break
+            copied(images.contiguous(memory_format=torch.channels_last))
+    return copied
+
+
 def main() -> None:
     name, opts = settings(sys.argv[1:])
     torch.manual_seed(opts["seed"])
@@ -245,6 +273,10 @@ def main() -> None:
         small_crops, opts["bs"], True, 0, opts["seed"], "cpu", drop_last=True
     )
     val_loader = build_loader(val, 16, False, 0, 0, "cpu")
+    # Unaugmented and unshuffled, so that recalibrating draws nothing from the RNGs training uses.
+    recal_loader = build_loader(
+        SegmentationDataset(report.info, "train", **common), opts["bs"], False, 0, 0, "cpu"
+    )
     criterion = build_loss(
         opts["loss"],
         num_classes=classes,
@@ -273,8 +305,18 @@ def main() -> None:
         mean=mean,
         std=std,
     )
+    ema = build_ema(model, opts["ema"]) if opts["ema"] else None
+
+    def score(scored: torch.nn.Module) -> dict:
+        return evaluate(
+            Segmenter(scored, info, device=cpu, precision=Precision(None, channels_last=True)),
+            val_loader,
+            scored_classes=classes,
+            ignore_index=255,
+        ).metrics
+
     started, train_seconds = time.perf_counter(), 0.0
-    for epoch in range(opts["epochs"]):
+    for epoch in range(opts["stop"] or opts["epochs"]):
         model.train()
         total = seen = 0
         epoch_started = time.perf_counter()
@@ -285,25 +327,27 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             schedule.step_iteration()
+            if ema is not None:
+                ema.update_parameters(model)
             total += loss.item() * len(images)
             seen += len(images)
         train_seconds += time.perf_counter() - epoch_started
-        result = evaluate(
-            Segmenter(model, info, device=cpu, precision=Precision(None, channels_last=True)),
-            val_loader,
-            scored_classes=classes,
-            ignore_index=255,
-        )
-        iou = [None if v is None else round(v, 3) for v in result.metrics["iou"]]
+        metrics = score(model)
+        iou = [None if v is None else round(v, 3) for v in metrics["iou"]]
         record = {
             "name": name,
             "epoch": epoch + 1,
             "train_loss": round(total / seen, 4),
-            "miou": round(result.metrics["miou"], 4),
+            "miou": round(metrics["miou"], 4),
             "iou": iou,
             "train_s": round(train_seconds, 1),
             "wall_s": round(time.perf_counter() - started, 1),
         }
+        if ema is not None:
+            record["miou_ema"] = round(score(ema.module)["miou"], 4)
+        if opts["recal"]:
+            recal = recalibrated(model, recal_loader, opts["recal"])
+            record["miou_recal"] = round(score(recal)["miou"], 4)
         print(json.dumps(record), flush=True)
 
 

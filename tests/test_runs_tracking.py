@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from segcli.errors import UsageError
-from segcli.train.config import TrainConfig
+from segcli.train.config import TrainConfig, resolve_config
 from segcli.train.ema import build_ema
 from segcli.train.state import load_training_state
 from segcli.train.trainer import SilentEvents, Trainer, TrainingInterrupted
@@ -78,7 +78,25 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(raw[key], other[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("decay", ["0", "1", "-0.5", "1.5"])
+def test_ema_is_on_by_default_and_zero_turns_it_off(tmp_path: Path) -> None:
+    # Catches: the 0.99 default not reaching the trainer (checkpoints holding raw weights), and
+    # `--ema 0` refused or still averaging.
+    Trainer(fast_train_config(tmp_path / "default")).run()
+    Trainer(fast_train_config(tmp_path / "off", ema=0.0)).run()
+    averaged = load_training_state(tmp_path / "default" / "last.state.safetensors")
+    raw = load_training_state(tmp_path / "off" / "last.state.safetensors")
+    assert averaged["ema_updates"] == 3  # 24 mock images / batch 8
+    assert "ema_updates" not in raw and "model" not in raw
+
+
+def test_a_run_from_before_the_ema_default_resumes_without_it() -> None:
+    # Catches: resuming a run whose stored settings say `ema = None` (runs before the default)
+    # with the new default, which would restart an average from its raw weights mid-run.
+    assert not resolve_config(None, {}, base={"ema": None}).ema
+    assert resolve_config(None, {}).ema == 0.99
+
+
+@pytest.mark.parametrize("decay", ["1", "-0.5", "1.5"])
 def test_ema_outside_zero_one_is_refused(seg, decay: str) -> None:
     result = seg("train", "unet", "--backbone", "none", "--epochs", "1", "--ema", decay)
     assert result.returncode == 2 and f"--ema {float(decay)}" in result.stderr

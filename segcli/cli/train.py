@@ -237,9 +237,10 @@ def train(
     ema: Annotated[
         float | None,
         _opt(
-            "Validate and save an exponential moving average of the weights with this decay, "
-            "e.g. 0.999 (warmed up over the first steps) [off].",
+            "Validate and save an exponential moving average of the weights with this decay "
+            "(warmed up over the first steps); 0 for the raw weights [{default}].",
             OPT,
+            setting="ema",
         ),
     ] = None,
     patience: Annotated[

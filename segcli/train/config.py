@@ -68,7 +68,9 @@ class TrainConfig:
     aux_weight: float | None = None  # None: the architecture's own weight
     accum_steps: int = 1
     clip_grad: float | None = None
-    ema: float | None = None  # decay of an exponential moving average of the weights
+    # Decay of the exponential moving average of the weights that validation scores and the
+    # checkpoints hold; 0 (or None, as runs from before this default stored it) is off.
+    ema: float | None = 0.99
     # execution
     device: str = "auto"
     amp: str = "auto"
@@ -117,8 +119,10 @@ class TrainConfig:
             raise UsageError(f"`crop` {self.crop}: give a patch side from 16 to 16384 pixels")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise UsageError(f"`clip_grad` must be positive, not {self.clip_grad}")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise UsageError(f"`ema` {self.ema}: give a decay in (0, 1), e.g. 0.999")
+        if self.ema and not 0 < self.ema < 1:
+            raise UsageError(
+                f"`ema` {self.ema}: give a decay in (0, 1), e.g. 0.99, or 0 for the raw weights"
+            )
         from segcli.data.splits import check_folds, check_val_fraction
 
         check_val_fraction(self.val_fraction)

@@ -441,7 +441,8 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if self.precision.channels_last else None
         self.model = model.to(self.device, memory_format=memory_format)
-        # --ema: the averaged copy is what validation scores and checkpoints hold.
+        # The averaged copy (on by default, `ema` 0 is off) is what validation scores and
+        # checkpoints hold: raw weights at the peak lr score noisily from epoch to epoch.
         self.ema = build_ema(self.model, config.ema) if config.ema else None
         self.criterion = build_criterion(config, self.data, self.data.model_classes)
 
@@ -554,12 +555,12 @@ class Trainer:
 
     @property
     def eval_model(self) -> nn.Module:
-        """The weights validated and saved: the EMA copy with --ema, else the model."""
+        """The weights validated and saved: the EMA copy, or the model itself when `ema` is 0."""
         return self.ema.module if self.ema is not None else self.model
 
     def _restore(self, state: dict[str, Any]) -> None:
         weights, _ = read_checkpoint(self.config.resume)
-        # With --ema the checkpoint holds the averaged weights and the state the raw ones.
+        # With an EMA the checkpoint holds the averaged weights and the state the raw ones.
         self.model.load_state_dict(state.get("model", weights))
         if self.ema is not None:
             self.ema.module.load_state_dict(weights)
