@@ -58,11 +58,13 @@ seconds across machines. smp (segmentation-models-pytorch) is needed only for mo
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 import time
 
 import torch
+from torch.optim.swa_utils import update_bn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -211,23 +213,6 @@ def repeat_factor_sampler(
     return torch.utils.data.WeightedRandomSampler(weights, len(dataset), generator=generator)
 
 
-def recalibrated(model: torch.nn.Module, loader, batches: int) -> torch.nn.Module:
-    """A copy of `model` whose BatchNorm statistics are the plain mean over `batches` batches
-    (fewer if the loader has fewer)."""
-    copied = copy.deepcopy(model)
-    norms = [m for m in copied.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-    copied.train()
-    with torch.no_grad():
-        for index, (images, _) in enumerate(loader):
-            if index == batches:
-                break
-            copied(images.contiguous(memory_format=torch.channels_last))
-    return copied
-
-
 def main() -> None:
     name, opts = settings(sys.argv[1:])
     torch.manual_seed(opts["seed"])
@@ -274,7 +259,7 @@ def main() -> None:
     )
     val_loader = build_loader(val, 16, False, 0, 0, "cpu")
     # Unaugmented and unshuffled, so that recalibrating draws nothing from the RNGs training uses.
-    recal_loader = build_loader(
+    recal_loader = opts["recal"] and build_loader(
         SegmentationDataset(report.info, "train", **common), opts["bs"], False, 0, 0, "cpu"
     )
     criterion = build_loss(
@@ -346,8 +331,10 @@ def main() -> None:
         if ema is not None:
             record["miou_ema"] = round(score(ema.module)["miou"], 4)
         if opts["recal"]:
-            recal = recalibrated(model, recal_loader, opts["recal"])
-            record["miou_recal"] = round(score(recal)["miou"], 4)
+            # update_bn: the statistics become the plain mean over these batches.
+            recalibrated = copy.deepcopy(model)
+            update_bn(itertools.islice(recal_loader, opts["recal"]), recalibrated)
+            record["miou_recal"] = round(score(recalibrated)["miou"], 4)
         print(json.dumps(record), flush=True)
 
 
