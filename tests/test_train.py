@@ -201,23 +201,19 @@ def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monk
     assert records[-1]["lr"] < 0.2e-3
 
 
-def test_time_limit_extends_a_run_whose_lr_has_annealed_with_an_epoch_that_learns(
-    tmp_path, monkeypatch
-):
-    # Epochs of 90, 90 and 10 s under a 5-minute limit: after epoch 3 the 3-epoch cosine has
-    # reached lr 0, and the mean cost (63 s) fits one more epoch in the 110 s left. Catches a
-    # time limit that leaves that time unused, and an extra epoch run at lr 0 (its weights
-    # would not move).
+def timed_epochs(monkeypatch, costs: list[float]) -> list[bool]:
+    """Make epoch k of the Trainer take costs[k] seconds of its clock; the returned list
+    collects, per epoch, whether the weights moved."""
     import segcli.train.trainer as trainer_module
 
     clock = SteppedClock(0.0)
     monkeypatch.setattr(trainer_module, "time", clock)
     train_epoch = Trainer._train_epoch
-    costs = iter([90.0, 90.0, 10.0, 100.0])
+    remaining = iter(costs)
     moved = []
 
     def timed_epoch(self, epoch, stop):
-        clock.offset += next(costs)
+        clock.offset += next(remaining)
         before = [p.detach().clone() for p in self.model.parameters()]
         result = train_epoch(self, epoch, stop)
         after = list(self.model.parameters())
@@ -225,12 +221,38 @@ def test_time_limit_extends_a_run_whose_lr_has_annealed_with_an_epoch_that_learn
         return result
 
     monkeypatch.setattr(Trainer, "_train_epoch", timed_epoch)
+    return moved
+
+
+def test_time_limit_extends_a_run_whose_lr_has_annealed_with_an_epoch_that_learns(
+    tmp_path, monkeypatch
+):
+    # Epochs of 90, 90 and 10 s under a 5-minute limit: after epoch 3 the 3-epoch cosine has
+    # reached lr 0, and the last two epochs' cost (50 s) fits two more in the 110 s left;
+    # epoch 4 then takes 100 s and the run stops within the limit. Catches a time limit that
+    # leaves that time unused, an extra epoch run at lr 0 (its weights would not move), and
+    # one that overruns the limit.
+    moved = timed_epochs(monkeypatch, [90.0, 90.0, 10.0, 100.0])
     Trainer(fast_config(tmp_path, epochs=50, time_limit=5.0, previews=0)).run()
     lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["epochs"] for r in records] == [3, 3, 4, 4]
-    assert records[2]["lr"] == 0.0 and records[3]["lr"] == 0.0
+    assert [r["epochs"] for r in records] == [3, 3, 5, 4]
+    assert records[2]["lr"] == 0.0
     assert moved == [True, True, True, True]
+    assert records[-1]["wall_seconds"] <= 5 * 60
+
+
+def test_time_limit_plans_at_the_recent_epoch_cost_after_a_slow_phase(tmp_path, monkeypatch):
+    # Epochs of 40 s with one of 200 s (a busy host) under a limit of 500 s: at the recent
+    # cost, 8 epochs fit (ending at 480 s). Catches planning at the session's mean cost,
+    # which carries the slow epoch into every later plan and stops after 7 (at 440 s).
+    timed_epochs(monkeypatch, [40.0, 200.0] + [40.0] * 10)
+    Trainer(fast_config(tmp_path, epochs=50, time_limit=500 / 60, previews=0)).run()
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert len(records) == 8
+    assert records[-1]["wall_seconds"] <= 500
+    assert records[-1]["epochs"] == 8
+    assert records[-1]["lr"] < 0.2e-3
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
