@@ -910,7 +910,7 @@ class Trainer:
         Recent epochs, not the session's mean: hosts drift, and the mean kept one slow phase
         in every later plan. In a benchmark on an AVX2 EPYC, epochs took 517, 871, 466, 404
         and 418 s; with 923 s left the mean (535 s) planned one more epoch and the run ended
-        with 8 % of its budget unused, where the last two (411 s) plan two."""
+        with 13 % of its budget unused, where the last two (411 s) plan two."""
         recent = epoch_ends[-(PLANNING_EPOCHS + 1) :]
         cost = (recent[-1] - recent[0]) / (len(recent) - 1)
         remaining = self.config.time_limit * 60 - wall_seconds
