@@ -160,11 +160,11 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
 
 
 class SteppedClock:
-    """time.perf_counter plus `step` seconds for every training epoch begun, so each 32x32
-    epoch costs about `step` seconds of wall-clock whatever the machine's speed."""
+    """time.perf_counter and time.time, moved on by `offset` seconds, so a test decides what
+    each 32x32 epoch costs in wall-clock whatever the machine's speed."""
 
-    def __init__(self, step: float) -> None:
-        self.step, self.offset = step, 0.0
+    def __init__(self) -> None:
+        self.offset = 0.0
 
     def perf_counter(self) -> float:
         return time.perf_counter() + self.offset
@@ -173,40 +173,12 @@ class SteppedClock:
         return time.time() + self.offset
 
 
-def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monkeypatch):
-    # Catches a time limit that is ignored (all 50 epochs run), one that overruns the budget,
-    # a schedule left unplanned (the cosine would still be near its peak at the end), or a
-    # progress line that counts to `--epochs` instead of the plan.
-    import segcli.train.trainer as trainer_module
-
-    clock = SteppedClock(100.0)
-    monkeypatch.setattr(trainer_module, "time", clock)
-    train_epoch = Trainer._train_epoch
-
-    def slow_epoch(self, epoch, stop):
-        clock.offset += clock.step
-        return train_epoch(self, epoch, stop)
-
-    monkeypatch.setattr(Trainer, "_train_epoch", slow_epoch)
-    Trainer(fast_config(tmp_path, epochs=50, time_limit=10.0, previews=0)).run()
-    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert 4 <= len(records) <= 5  # 600 s at about 100 s an epoch
-    assert records[-1]["wall_seconds"] <= 10 * 60
-    state = load_training_state(tmp_path / "run/last.state.safetensors")
-    assert state["planned_epochs"] == len(records)
-    # The epoch lines and `seg runs` show the plan ("epoch 5/5"), not the 50 of `--epochs`.
-    assert records[-1]["epochs"] == len(records)
-    # The planned cosine ends with the run: the last epoch ends far below the peak lr (1e-3).
-    assert records[-1]["lr"] < 0.2e-3
-
-
 def timed_epochs(monkeypatch, costs: list[float]) -> list[bool]:
     """Make epoch k of the Trainer take costs[k] seconds of its clock; the returned list
     collects, per epoch, whether the weights moved."""
     import segcli.train.trainer as trainer_module
 
-    clock = SteppedClock(0.0)
+    clock = SteppedClock()
     monkeypatch.setattr(trainer_module, "time", clock)
     train_epoch = Trainer._train_epoch
     remaining = iter(costs)
@@ -222,6 +194,24 @@ def timed_epochs(monkeypatch, costs: list[float]) -> list[bool]:
 
     monkeypatch.setattr(Trainer, "_train_epoch", timed_epoch)
     return moved
+
+
+def test_time_limit_plans_the_epochs_that_fit_and_stops_within_it(tmp_path, monkeypatch):
+    # Catches a time limit that is ignored (all 50 epochs run), one that overruns the budget,
+    # a schedule left unplanned (the cosine would still be near its peak at the end), or a
+    # progress line that counts to `--epochs` instead of the plan.
+    timed_epochs(monkeypatch, [100.0] * 50)
+    Trainer(fast_config(tmp_path, epochs=50, time_limit=10.0, previews=0)).run()
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert 4 <= len(records) <= 5  # 600 s at about 100 s an epoch
+    assert records[-1]["wall_seconds"] <= 10 * 60
+    state = load_training_state(tmp_path / "run/last.state.safetensors")
+    assert state["planned_epochs"] == len(records)
+    # The epoch lines and `seg runs` show the plan ("epoch 5/5"), not the 50 of `--epochs`.
+    assert records[-1]["epochs"] == len(records)
+    # The planned cosine ends with the run: the last epoch ends far below the peak lr (1e-3).
+    assert records[-1]["lr"] < 0.2e-3
 
 
 def test_time_limit_extends_a_run_whose_lr_has_annealed_with_an_epoch_that_learns(
