@@ -689,14 +689,12 @@ class Trainer:
             self.train_loader.sampler.set_epoch(epoch)
         self.reporter.start_epoch(epoch + 1, self.planned_epochs, len(self.train_loader))
         total, images_seen, started = 0.0, 0, time.perf_counter()
-        compute_seconds = 0.0
         batches = len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             for step, (images, masks) in enumerate(self.train_loader):
                 if stop["stop"] and not self.context.enabled:
                     raise TrainingInterrupted(self._interrupt_message(epoch, step))
-                step_started = time.perf_counter()
                 images = to_device(images, self.device, self.precision)
                 masks = masks.to(self.device, non_blocking=True)
                 with self.precision.autocast(self.device):
@@ -736,7 +734,6 @@ class Trainer:
                 value = loss.item()
                 total += value * len(images)
                 images_seen += len(images)
-                compute_seconds += time.perf_counter() - step_started
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
                 self.reporter.step(value, self.scheduler.current_lr(), rate)
         except RuntimeError as error:
