@@ -245,6 +245,36 @@ def test_time_limit_plans_at_the_recent_epoch_cost_after_a_slow_phase(tmp_path, 
     assert records[-1]["lr"] < 0.2e-3
 
 
+@pytest.mark.parametrize(("limit_in_epochs", "planned"), [(1.5, 1), (2.5, 2)])
+def test_time_limit_plans_within_the_first_epoch_from_its_first_steps(
+    tmp_path, monkeypatch, limit_in_epochs, planned
+):
+    # Every training step takes 10 s of the Trainer's clock (12 steps an epoch: 120 s), and the
+    # limit fits 1 or 2 epochs. Catches a first epoch run at the peak of a cosine planned over
+    # `--epochs` until its end: a run that fits one epoch then stops with its lr at 1e-3, and
+    # one that fits two halves its lr only in the second.
+    import segcli.train.trainer as trainer_module
+
+    clock = SteppedClock()
+    monkeypatch.setattr(trainer_module, "time", clock)
+    real_loss = trainer_module.compute_loss
+
+    def ten_second_step(*args, **kwargs):
+        clock.offset += 10.0
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", ten_second_step)
+    limit = limit_in_epochs * 120
+    config = fast_config(tmp_path, epochs=50, batch_size=2, time_limit=limit / 60, previews=0)
+    Trainer(config).run()
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert len(records) == planned
+    assert records[-1]["wall_seconds"] <= limit
+    assert records[-1]["lr"] == 0.0
+    # The first epoch ends well down the planned cosine (0.61e-3 of two epochs), not at 1e-3.
+    assert records[0]["lr"] <= 0.7e-3
+
+
 def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     Trainer(fast_config(tmp_path, epochs=1)).run()
     last = tmp_path / "run" / "last.safetensors"

@@ -68,6 +68,13 @@ from segcli.train.trackers import Trackers, tracker_names
 STATUS_FILE = "status.json"
 # `--time-limit` plans at the mean cost of this many most recent epochs.
 PLANNING_EPOCHS = 2
+# Before any epoch has ended, `--time-limit` plans once from the steps of the first tenth of the
+# first epoch (after its first step, which carries one-off set-up): a budget that fits one or two
+# epochs would otherwise spend the first at the peak of a cosine planned over `--epochs`.
+FIRST_PLAN_SHARE = 0.1
+# A validation batch is a forward pass, about a third of a training step (forward and backward);
+# 0.28 measured on an AVX2 EPYC (benchmarks/profile_epoch.py). Only the first plan estimates it.
+VALIDATION_STEP_SHARE = 1 / 3
 
 
 class TrainingInterrupted(SegError):
@@ -690,6 +697,8 @@ class Trainer:
         self.reporter.start_epoch(epoch + 1, self.planned_epochs, len(self.train_loader))
         total, images_seen, started = 0.0, 0, time.perf_counter()
         batches = len(self.train_loader)
+        first_plan_step = self._first_plan_step(epoch, batches)
+        first_step_end = started
         self.optimizer.zero_grad(set_to_none=True)
         try:
             for step, (images, masks) in enumerate(self.train_loader):
@@ -732,6 +741,11 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update_parameters(self.model)
                 value = loss.item()
+                if step == 0:
+                    first_step_end = time.perf_counter()
+                elif step == first_plan_step:
+                    step_seconds = (time.perf_counter() - first_step_end) / step
+                    self._plan_from_first_steps(step_seconds, step)
                 total += value * len(images)
                 images_seen += len(images)
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
@@ -871,7 +885,9 @@ class Trainer:
                     epoch_ends.append(time.perf_counter())
                     wall_seconds = self.wall_before + epoch_ends[-1] - session_start
                     if config.time_limit:
-                        self._plan_to_time_limit(epoch + 1, wall_seconds, epoch_ends)
+                        recent = epoch_ends[-(PLANNING_EPOCHS + 1) :]
+                        cost = (recent[-1] - recent[0]) / (len(recent) - 1)
+                        self._plan_to_time_limit(epoch + 1, wall_seconds, cost)
                     record = {
                         "epoch": epoch + 1,
                         "epochs": self.planned_epochs,
@@ -898,20 +914,37 @@ class Trainer:
                 self.reporter.close()
         return stopped_early
 
-    def _plan_to_time_limit(self, done: int, wall_seconds: float, epoch_ends: list[float]) -> None:
-        """Plan as many epochs as fit in `--time-limit` at the cost of this session's last
-        `PLANNING_EPOCHS` epochs (training, validation and checkpoints), and end poly/cosine
-        schedules there: the run finishes within the limit with its learning rate annealed.
-        Ranks agree on rank 0's plan.
+    def _first_plan_step(self, epoch: int, batches: int) -> int | None:
+        """The step of a new run's first epoch after which `--time-limit` makes its first plan;
+        None without a time limit, in later epochs, or in epochs too short to time."""
+        if not self.config.time_limit or epoch != 0 or self.wall_before:
+            return None
+        step = max(2, math.ceil(batches * FIRST_PLAN_SHARE))
+        return step if step < batches - 1 else None
+
+    def _plan_from_first_steps(self, step_seconds: float, timed_steps: int) -> None:
+        """The first plan: an epoch estimated as its training steps at the cost of those timed
+        so far, plus validation at a third of a step per batch."""
+        cost = step_seconds * (
+            len(self.train_loader) + VALIDATION_STEP_SHARE * len(self.val_loader)
+        )
+        self._plan_to_time_limit(0, 0.0, cost, f", estimated from {timed_steps} steps")
+
+    def _plan_to_time_limit(
+        self, done: int, wall_seconds: float, cost: float, basis: str = ""
+    ) -> None:
+        """Plan as many epochs as fit in `--time-limit` at `cost` seconds each (after an epoch:
+        the mean of this session's last `PLANNING_EPOCHS` epochs, training, validation and
+        checkpoints), at least the epoch under way, and end poly/cosine schedules there: the
+        run finishes within the limit with its learning rate annealed. Ranks agree on rank 0's
+        plan.
 
         Recent epochs, not the session's mean: hosts drift, and the mean kept one slow phase
         in every later plan. In a benchmark on an AVX2 EPYC, epochs took 517, 871, 466, 404
         and 418 s; with 923 s left the mean (535 s) planned one more epoch and the run ended
         with 13 % of its budget unused, where the last two (411 s) plan two."""
-        recent = epoch_ends[-(PLANNING_EPOCHS + 1) :]
-        cost = (recent[-1] - recent[0]) / (len(recent) - 1)
         remaining = self.config.time_limit * 60 - wall_seconds
-        planned = min(self.config.epochs, done + max(0, math.floor(remaining / cost)))
+        planned = max(1, min(self.config.epochs, done + max(0, math.floor(remaining / cost))))
         if self.context.enabled:
             plan = torch.tensor([planned], device=self.device)
             torch.distributed.broadcast(plan, src=0)
@@ -922,7 +955,7 @@ class Trainer:
             if planned > done:
                 self.reporter.log(
                     f"time limit {self.config.time_limit:g} min: planning {planned} epochs "
-                    f"({cost:.0f} s each)"
+                    f"({cost:.0f} s each{basis})"
                 )
             else:
                 self.reporter.log(
