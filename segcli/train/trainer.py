@@ -954,7 +954,8 @@ class Trainer:
             self.scheduler.plan_epochs(planned)
             if planned > done:
                 self.reporter.log(
-                    f"time limit {self.config.time_limit:g} min: planning {planned} epochs "
+                    f"time limit {self.config.time_limit:g} min: planning {planned} "
+                    f"epoch{'s' if planned > 1 else ''} "
                     f"({cost:.0f} s each{basis})"
                 )
             else:
