@@ -1,4 +1,4 @@
-from segcli.cli import main
+from segcli.entry import main
 
 if __name__ == "__main__":
     main()

@@ -93,6 +93,23 @@ def test_help_does_not_import_torch():
     assert "params" in result.stdout
 
 
+def test_a_missing_dependency_is_one_line_not_a_traceback():
+    # segcli installed without its dependencies (`pip install --no-deps`, as once happened to
+    # the system Python here): catches `seg --help` dying with a ModuleNotFoundError traceback.
+    code = (
+        "import sys\n"
+        "sys.modules['typer'] = None  # import typer now fails as if it were not installed\n"
+        "sys.argv = ['seg', '--help']\n"
+        "from segcli.entry import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("seg: error: the Python package typer is not installed in ")
+
+
 def test_every_registry_option_is_a_flag_and_every_flag_an_option():
     # One list of option names for `seg train` and `seg params`: an architecture option the
     # commands forget (or a flag no architecture takes) is caught here.
