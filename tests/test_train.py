@@ -173,13 +173,19 @@ class SteppedClock:
         return time.time() + self.offset
 
 
-def timed_epochs(monkeypatch, costs: list[float]) -> list[bool]:
-    """Make epoch k of the Trainer take costs[k] seconds of its clock; the returned list
-    collects, per epoch, whether the weights moved."""
+def trainer_clock(monkeypatch) -> SteppedClock:
+    """The Trainer's clock, replaced by a SteppedClock for the test to move on."""
     import segcli.train.trainer as trainer_module
 
     clock = SteppedClock()
     monkeypatch.setattr(trainer_module, "time", clock)
+    return clock
+
+
+def timed_epochs(monkeypatch, costs: list[float]) -> list[bool]:
+    """Make epoch k of the Trainer take costs[k] seconds of its clock; the returned list
+    collects, per epoch, whether the weights moved."""
+    clock = trainer_clock(monkeypatch)
     train_epoch = Trainer._train_epoch
     remaining = iter(costs)
     moved = []
@@ -255,8 +261,7 @@ def test_time_limit_plans_within_the_first_epoch_from_its_first_steps(
     # one that fits two halves its lr only in the second.
     import segcli.train.trainer as trainer_module
 
-    clock = SteppedClock()
-    monkeypatch.setattr(trainer_module, "time", clock)
+    clock = trainer_clock(monkeypatch)
     real_loss = trainer_module.compute_loss
 
     def ten_second_step(*args, **kwargs):

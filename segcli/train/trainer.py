@@ -917,7 +917,7 @@ class Trainer:
     def _first_plan_step(self, epoch: int, batches: int) -> int | None:
         """The step of a new run's first epoch after which `--time-limit` makes its first plan;
         None without a time limit, in later epochs, or in epochs too short to time."""
-        if not self.config.time_limit or epoch != 0 or self.wall_before:
+        if not self.config.time_limit or epoch != 0:
             return None
         step = max(2, math.ceil(batches * FIRST_PLAN_SHARE))
         return step if step < batches - 1 else None
