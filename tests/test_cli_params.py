@@ -100,7 +100,7 @@ def test_a_missing_dependency_is_one_line_not_a_traceback():
         "import sys\n"
         "sys.modules['typer'] = None  # import typer now fails as if it were not installed\n"
         "sys.argv = ['seg', '--help']\n"
-        "from segcli.entry import main\n"
+        "from segcli.__main__ import main\n"
         "main()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
